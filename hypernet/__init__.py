@@ -1,0 +1,29 @@
+"""Core of comfyui-subject-hypernet: pure torch, no ComfyUI or diffusers-pipeline imports.
+
+Modules, one concept each: ``targets`` (which layers), ``lidb`` (lightweight LoRA bases), ``lora``
+(factor containers, exact combination), ``runtime`` (hooks / merges), ``hypernetwork`` (the model),
+``files`` (safetensors formats), ``subject`` (a subject LoRA and its prediction), ``guidance`` (HM-CFG),
+``schedule`` (DDPM noise), ``losses``, ``finetune`` (rank-relaxed finetune loop).
+"""
+
+from .errors import FeatureError, FileFormatError, HyperNetError, TargetMismatchError
+from .files import (
+    HyperNetInfo,
+    expand_compact_subject_lora,
+    load_compact_subject_lora,
+    load_hypernet,
+    load_subject_lora,
+    read_hypernet_info,
+    save_hypernet,
+)
+from .finetune import FinetuneConfig, FinetuneResult, rank_relaxed_finetune
+from .guidance import hm_cfg, hm_cfg_two, subject_term_active
+from .hypernetwork import FeatureSpec, HyperNetConfig, HyperNetOutput, HyperNetwork
+from .lidb import LidbBasis, LidbConfig
+from .lora import LoraWeights, combine_exact
+from .runtime import attach_lora, lora_applied, merge_lora
+from .schedule import NoiseSchedule
+from .subject import SubjectLora, predict_subject_lora
+from .targets import BoundTargets, TargetLayer, locate_targets, targets_hash
+
+__all__ = [name for name in dir() if not name.startswith("_")]

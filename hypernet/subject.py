@@ -1,0 +1,70 @@
+"""A subject LoRA as the product handles it: the LoRA factors plus what made them.
+
+Predicted by a hypernetwork (LiDB trainables kept, so it can also be saved compactly), or produced
+by the finetune (a plain LoRA). This is the object the ComfyUI nodes and the training exports pass
+around; files are written through :mod:`hypernet.files`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .files import HyperNetInfo, save_compact_subject_lora, save_subject_lora
+from .hypernetwork import HyperNetwork
+from .lidb import LidbBasis
+from .lora import LoraWeights
+from .targets import TargetLayer
+
+
+@dataclass
+class SubjectLora:
+    layers: list[TargetLayer]
+    lora: LoraWeights  # float32, one subject (unbatched)
+    base_arch: str
+    trainables: dict[str, torch.Tensor] | None = None  # LiDB numbers, when predicted in LiDB form
+    basis: LidbBasis | None = None
+    provenance: dict = field(default_factory=dict)
+    token_embedding: torch.Tensor | None = None
+
+    @property
+    def can_save_compact(self) -> bool:
+        return self.trainables is not None and self.basis is not None and not self.basis.config.learned_aux
+
+    def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+        return save_subject_lora(path, self.lora, self.layers, base_arch=self.base_arch, dtype=dtype, provenance=self.provenance)
+
+    def save_compact(self, path: str | os.PathLike) -> Path:
+        return save_compact_subject_lora(path, self.trainables, self.basis, base_arch=self.base_arch, provenance=self.provenance)
+
+
+@torch.no_grad()
+def predict_subject_lora(hypernet: HyperNetwork, reference_features: torch.Tensor, info: HyperNetInfo | None = None, base_arch: str = "unknown") -> SubjectLora:
+    """One forward pass: reference images' features ``(N, tokens, dim)`` -> one subject LoRA.
+
+    LiDB predictions are expanded exactly (float64, rounded once), so the standard and compact files
+    written from the result hold the same numbers.
+    """
+    param = next(hypernet.parameters())
+    output = hypernet.predict(reference_features.to(param.device, param.dtype))
+    params = {name: value[0].float().cpu() for name, value in output.params.items()}
+    if hypernet.basis is not None:
+        basis = hypernet.basis
+        lora = basis.expand_exact(params)
+        trainables = params
+    else:
+        basis, trainables = None, None
+        lora = hypernet.params_to_lora(params)
+    provenance = {"hypernet": info.path.name} if info is not None else {}
+    return SubjectLora(
+        layers=list(hypernet.layers),
+        lora=lora.detach(),
+        base_arch=info.base_arch if info is not None else base_arch,
+        trainables=trainables,
+        basis=basis,
+        provenance=provenance,
+        token_embedding=None if output.token_embedding is None else output.token_embedding[0].cpu(),
+    )

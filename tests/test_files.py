@@ -1,0 +1,199 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import hypernet.files as files
+from hypernet import (
+    FeatureSpec,
+    HyperNetConfig,
+    HyperNetwork,
+    LidbConfig,
+    attach_lora,
+    expand_compact_subject_lora,
+    load_hypernet,
+    load_subject_lora,
+    locate_targets,
+    predict_subject_lora,
+    read_hypernet_info,
+    save_hypernet,
+)
+from hypernet.errors import FileFormatError, TargetMismatchError
+from hypernet.lidb import LidbBasis
+from hypernet.targets import require_same_targets
+from tiny_models import SD15_UNET_CONFIG, tiny_text_encoder, tiny_unet, unet_inputs
+
+SPEC = FeatureSpec(dim=16, tokens=4, encoder="test-encoder")
+
+
+def trained_like(hypernet, seed=0):
+    # give the zero-initialised heads some weights so predictions are not trivially zero
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in hypernet.heads.weights:
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    return hypernet
+
+
+@pytest.fixture
+def setup(tmp_path):
+    unet, encoder = tiny_unet(), tiny_text_encoder()
+    bound = locate_targets(unet, [encoder])
+    config = HyperNetConfig(features=SPEC, width=32, depth=1, heads=4, iterations=2, lidb=LidbConfig(a=8, b=6, seed=3))
+    torch.manual_seed(0)
+    hypernet = trained_like(HyperNetwork(config, bound.layers))
+    path = save_hypernet(tmp_path / "h.safetensors", hypernet, base_arch="sd15", provenance={"steps": 3})
+    return hypernet, unet, encoder, bound, path
+
+
+def features(seed=0, n=1):
+    return torch.randn(n, SPEC.tokens, SPEC.dim, generator=torch.Generator().manual_seed(seed))
+
+
+def test_hypernet_round_trip_predicts_identically(setup):
+    hypernet, _, _, bound, path = setup
+    loaded, info = load_hypernet(path)
+    assert info.base_arch == "sd15" and info.provenance == {"steps": 3} and info.layers == bound.layers
+    assert "expects penultimate_hidden_states (4x16) from test-encoder" in info.summary()
+    a, b = hypernet.eval().predict(features()), loaded.predict(features())
+    assert all(torch.equal(a.params[n], b.params[n]) for n in bound.names)
+    assert read_hypernet_info(path).config == hypernet.config
+
+
+def test_learned_aux_bases_are_stored_and_restored(tmp_path, setup):
+    _, _, _, bound, _ = setup
+    config = HyperNetConfig(features=SPEC, width=32, depth=1, heads=4, iterations=1, lidb=LidbConfig(a=8, b=6, learned_aux=True))
+    hypernet = HyperNetwork(config, bound.layers)
+    with torch.no_grad():
+        hypernet.basis.up_aux[bound.names[0]].add_(1.0)
+    loaded, _ = load_hypernet(save_hypernet(tmp_path / "l.safetensors", hypernet, base_arch="sd15"))
+    assert torch.equal(loaded.basis.aux(bound.names[0])[0], hypernet.basis.aux(bound.names[0])[0])
+
+
+def rewrite(path, out, metadata_update=None, tensor_update=None):
+    tensors = load_file(path)
+    with open(path, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        metadata = json.loads(handle.read(header_len))["__metadata__"]
+    metadata.update(metadata_update or {})
+    tensors.update(tensor_update or {})
+    save_file(tensors, out, metadata=metadata)
+    return out
+
+
+def test_bad_hypernet_files_fail_with_clear_messages(setup, tmp_path):
+    hypernet, _, _, bound, path = setup
+    with pytest.raises(FileFormatError, match="file not found"):
+        load_hypernet(tmp_path / "missing.safetensors")
+    data = path.read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FileFormatError, match="corrupt or truncated"):
+        load_hypernet(tmp_path / "truncated.safetensors")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(FileFormatError, match="not a valid safetensors"):
+        load_hypernet(tmp_path / "garbage.safetensors")
+    torch.save(hypernet.state_dict(), tmp_path / "h.ckpt")
+    with pytest.raises(FileFormatError, match="only .safetensors files are loaded"):
+        load_hypernet(tmp_path / "h.ckpt")
+    with pytest.raises(FileFormatError, match="format version 99, made by a newer"):
+        load_hypernet(rewrite(path, tmp_path / "v99.safetensors", {"format_version": "99"}))
+    targets = json.loads(files.targets_to_json(bound.layers))
+    targets[0][1] = 999
+    with pytest.raises(FileFormatError, match="does not match its checksum"):
+        load_hypernet(rewrite(path, tmp_path / "t.safetensors", {"targets": json.dumps(targets)}))
+    key = next(k for k in hypernet.state_dict() if k.startswith("heads.weights"))
+    nan = hypernet.state_dict()[key].clone()
+    nan[0, 0, 0] = float("nan")
+    with pytest.raises(FileFormatError, match="NaN/inf"):
+        load_hypernet(rewrite(path, tmp_path / "nan.safetensors", tensor_update={key: nan}))
+    with pytest.raises(FileFormatError, match="aux bases rebuilt from seed"):
+        load_hypernet(rewrite(path, tmp_path / "aux.safetensors", {"lidb_aux_sha256": "0" * 64}))
+    with pytest.raises(FileFormatError, match="does not match its own config"):
+        load_hypernet(rewrite(path, tmp_path / "cfg.safetensors", {"config": json.dumps({**hypernet.config.to_dict(), "depth": 2})}))
+    lora_path = predict_subject_lora(hypernet, features(), base_arch="sd15").save(tmp_path / "lora.safetensors")
+    with pytest.raises(FileFormatError, match="not a subject hypernet file \\(it looks like subject_lora\\)"):
+        load_hypernet(lora_path)
+
+
+def test_mismatched_layer_list_is_named():
+    other = locate_targets(tiny_unet(cross_attention_dim=16)).layers
+    mine = locate_targets(tiny_unet()).layers
+    with pytest.raises(TargetMismatchError, match="hypernet vs model: .*with other shapes"):
+        require_same_targets(mine, other, "hypernet vs model")
+
+
+def test_failed_write_leaves_the_previous_file_intact(setup, monkeypatch):
+    hypernet, _, _, _, path = setup
+    before = path.read_bytes()
+
+    def broken_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_hypernet(path, hypernet, base_arch="sd15")
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(path.parent)) == [path.name]
+
+
+def test_standard_lora_loads_in_diffusers_with_the_same_output_as_the_hooks(setup, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    hypernet, unet, encoder, bound, _ = setup
+    subject = predict_subject_lora(hypernet, features(1, n=2), base_arch="sd15")
+    path = subject.save(tmp_path / "subject.safetensors")
+    sample, timesteps, context = unet_inputs(unet)
+    ids = torch.randint(3, 1000, (2, 7))
+    with torch.no_grad(), attach_lora(bound.modules, subject.lora):
+        hooked_unet = unet(sample, timesteps, context).sample
+        hooked_text = encoder(ids).last_hidden_state
+    state, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=unet)
+    StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder=encoder, prefix="text_encoder")
+    with torch.no_grad():
+        diffusers_unet = unet(sample, timesteps, context).sample
+        diffusers_text = encoder(ids).last_hidden_state
+    torch.testing.assert_close(diffusers_unet, hooked_unet, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(diffusers_text, hooked_text, rtol=1e-5, atol=1e-6)
+    reloaded, metadata = load_subject_lora(path)
+    assert metadata["ss_network_module"] == "networks.lora" and metadata["format"] == "subject_lora"
+    assert all(torch.equal(reloaded.delta(n), subject.lora.delta(n)) for n in bound.names)
+
+
+def test_compact_lora_is_small_and_expands_bit_exactly_to_the_standard_file(tmp_path):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12))
+    layers = locate_targets(unet, [text_encoder]).layers
+    basis = LidbBasis(layers, LidbConfig())
+    generator = torch.Generator().manual_seed(0)
+    trainables = {l.name: torch.randn(basis.config.trainables_per_layer(l), generator=generator) for l in layers}
+    from hypernet.subject import SubjectLora
+
+    subject = SubjectLora(layers, basis.expand_exact(trainables), "sd15", trainables, basis)
+    compact = subject.save_compact(tmp_path / "subject.compact.safetensors")
+    standard = subject.save(tmp_path / "subject.safetensors")
+    assert compact.stat().st_size <= 120_000
+    print(f"compact SD1.5 subject LoRA: {compact.stat().st_size} bytes; standard: {standard.stat().st_size} bytes")
+    expanded, expanded_layers, _ = expand_compact_subject_lora(compact)
+    assert expanded_layers == layers
+    reference = load_file(standard)
+    rebuilt = files.lora_to_kohya(expanded)
+    assert reference.keys() == rebuilt.keys()
+    assert all(torch.equal(reference[k], rebuilt[k]) for k in reference)
+
+
+def test_compact_form_refused_for_learned_aux(setup, tmp_path):
+    _, _, _, bound, _ = setup
+    config = HyperNetConfig(features=SPEC, width=32, depth=1, heads=4, iterations=1, lidb=LidbConfig(a=8, b=6, learned_aux=True))
+    subject = predict_subject_lora(HyperNetwork(config, bound.layers), features(), base_arch="sd15")
+    assert not subject.can_save_compact
+    with pytest.raises(ValueError, match="learned its own"):
+        subject.save_compact(tmp_path / "c.safetensors")
