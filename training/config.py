@@ -1,0 +1,143 @@
+"""Training configuration: one dataclass, overridable from a YAML file and then the command line.
+
+Every field becomes a ``--flag`` whose help text shows its default; ``--preset NAME`` starts from a
+named preset, ``--config FILE`` from a YAML file (applied after the preset), flags win over both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+
+def _opt(default: Any, help: str, choices: Sequence[str] | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # -- inputs
+    backbone: str = _opt("tiny", "Frozen backbone: a diffusers folder, a single-file SD1.5 .safetensors checkpoint, or a preset ('tiny').")
+    image_encoder: str = _opt("tiny", "Frozen image encoder: a transformers CLIP vision folder, a ComfyUI models/clip_vision .safetensors, or 'tiny'.")
+    data: str = _opt("synthetic", "Folder of subject images (one subject per image or per sub-folder), or 'synthetic'.")
+    synthetic_subjects: int = _opt(64, "Number of synthetic subjects when data is 'synthetic'.")
+    synthetic_images_per_subject: int = _opt(4, "Images per synthetic subject.")
+    class_word: str = _opt("toy", "Class word used when a subject has no class.txt.")
+    placeholder: str = _opt("sks", "The rare identifier [V] that stands for the subject in prompts.")
+    prompt_template: str = _opt("a photo of a {token} {class_word}", "Training prompt when a subject has no caption; {token} and {class_word} are filled in.")
+    resolution: int = _opt(64, "Training resolution in pixels (512 for SD1.5).")
+    flip_prob: float = _opt(0.5, "Probability of a horizontal flip of the target image.")
+    output_dir: str = _opt("runs/hypernet", "Where checkpoints, logs, samples and exports go.")
+    # -- hypernetwork
+    hidden_state: str = _opt("penultimate_hidden_states", "Image-encoder output the hypernetwork reads.", ("last_hidden_state", "penultimate_hidden_states", "image_embeds"))
+    width: int = _opt(512, "Decoder width.")
+    depth: int = _opt(2, "Decoder layers (HyperDreamBooth: 2).")
+    heads: int = _opt(8, "Attention heads in the decoder.")
+    iterations: int = _opt(4, "Refinement rounds s: theta_k = T(f, theta_{k-1}).")
+    output: str = _opt("lidb", "Predict LiDB trainables or plain rank-r LoRA factors.", ("lidb", "lora"))
+    lidb_rank: int = _opt(1, "LiDB rank r.")
+    lidb_a: int = _opt(100, "LiDB aux width a (up side).")
+    lidb_b: int = _opt(50, "LiDB aux width b (down side).")
+    lidb_seed: int = _opt(0, "Seed of the frozen LiDB aux bases.")
+    learned_aux: bool = _opt(False, "Learn the aux bases with the hypernetwork (stored in its file).")
+    lora_rank: int = _opt(1, "Rank when output is 'lora'.")
+    text_encoder_targets: bool = _opt(True, "Also adapt the text encoder's attention (q, k, v, out).")
+    # -- objective
+    reg_weight: float = _opt(1e-3, "lambda of the L2 penalty on the hypernetwork output.")
+    reg_target: str = _opt("delta_w", "What the L2 penalty measures: the weight deltas or the raw predicted numbers.", ("delta_w", "params"))
+    prompt_dropout: float = _opt(0.1, "Probability of training a sample with the empty prompt.")
+    preopt_dir: str = _opt("", "Folder of pre-optimised per-subject compact LoRAs (python -m training.preoptimize) for the weight-space loss.")
+    weight_space_weight: float = _opt(0.0, "beta of the weight-space loss toward pre-optimised LoRAs (needs preopt_dir).")
+    token_embedding: bool = _opt(False, "Also predict a word embedding for the placeholder token (tuning-encoder option).")
+    nn_weight: float = _opt(0.0, "Weight of the nearest-neighbour contrastive loss on the predicted embedding.")
+    nn_temperature: float = _opt(0.07, "Temperature of that loss.")
+    # -- optimisation
+    batch_size: int = _opt(4, "Subjects per step per process.")
+    grad_accum: int = _opt(1, "Gradient accumulation steps.")
+    learning_rate: float = _opt(1e-4, "AdamW learning rate.")
+    weight_decay: float = _opt(0.01, "AdamW weight decay.")
+    warmup_steps: int = _opt(0, "Linear learning-rate warm-up steps.")
+    max_steps: int = _opt(1000, "Optimizer steps to train.")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).")
+    mixed_precision: str = _opt("no", "Backbone compute precision.", ("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = _opt(False, "Recompute backbone activations in backward to save memory.")
+    seed: int = _opt(0, "Seed for data order, noise, timesteps and initialisation.")
+    # -- logging, checkpoints, samples
+    log_every: int = _opt(10, "Steps between metric lines in metrics.jsonl.")
+    checkpoint_every: int = _opt(200, "Steps between checkpoints (0 = only at the end).")
+    sample_every: int = _opt(0, "Steps between sample grids (0 = only at the end).")
+    sample_steps: int = _opt(20, "Sampling steps for sample grids.")
+    sample_subjects: int = _opt(3, "Subjects (rows) in a sample grid.")
+    tensorboard: bool = _opt(False, "Also log to TensorBoard (needs the tensorboard package).")
+    resume: bool = _opt(False, "Continue from output_dir/checkpoint.pt.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~3 minutes on a 2-core CPU: tiny random backbone and encoder, synthetic subjects.
+    "demo": dict(
+        backbone="tiny", image_encoder="tiny", data="synthetic", synthetic_subjects=24, synthetic_images_per_subject=3,
+        resolution=64, width=64, depth=2, heads=4, iterations=2, lidb_a=16, lidb_b=16, batch_size=4, learning_rate=1e-3,
+        max_steps=150, log_every=10, checkpoint_every=50, sample_steps=10, output_dir="runs/demo",
+    ),
+    # SD1.5 at 512 px with the paper's LiDB sizes; point backbone/image_encoder at your local files.
+    "sd15": dict(resolution=512, width=512, depth=2, heads=8, iterations=4, batch_size=4, learning_rate=1e-4, max_steps=20000,
+                 mixed_precision="bf16", gradient_checkpointing=True, checkpoint_every=500, sample_every=1000, sample_steps=30,
+                 output_dir="runs/sd15"),
+}
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train",
+        description="Train a subject hypernetwork end to end and export what the ComfyUI nodes load.",
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="Start from a named preset.")
+    parser.add_argument("--config", help="YAML file of options (applied after the preset).")
+    for item in dataclasses.fields(TrainConfig):
+        kind = type(item.default)
+        flag = "--" + item.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{item.metadata['help']} (default: {item.default!r})"}
+        if item.metadata.get("choices"):
+            kwargs["choices"] = item.metadata["choices"]
+        if kind is bool:
+            kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            kwargs["type"] = kind
+        parser.add_argument(flag, dest=item.name, **kwargs)
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    args = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    values: dict[str, Any] = {}
+    preset = args.pop("preset", None)
+    if preset:
+        values.update(PRESETS[preset])
+    config_path = args.pop("config", None)
+    if config_path:
+        loaded = yaml.safe_load(Path(config_path).read_text()) or {}
+        unknown = sorted(set(loaded) - {f.name for f in dataclasses.fields(TrainConfig)})
+        if unknown:
+            raise SystemExit(f"{config_path}: unknown option(s) {', '.join(unknown)}")
+        values.update(loaded)
+    values.update(args)
+    return TrainConfig(**values)
+

@@ -1,0 +1,82 @@
+"""Opening the training inputs (with clear errors before any long work) and assembling batches.
+
+Batches are a pure function of (seed, step, process): the data order is a seeded permutation per
+epoch and every augmentation draws from the step's generator, so a resumed run sees exactly the
+batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .backbone import Backbone, BackboneError, load_backbone
+from .data import DataError, SubjectFolderDataset
+from .image_encoder import ImageEncoder, ImageEncoderError, load_image_encoder
+from .objective import Batch
+from .synthetic import write_synthetic_dataset
+
+log = logging.getLogger("training")
+
+
+def open_dataset(config, output_dir: Path) -> SubjectFolderDataset:
+    root = config.data
+    if root == "synthetic":
+        root = output_dir / "synthetic_data"
+        marker = root / ".complete"
+        if not marker.exists():
+            write_synthetic_dataset(root, config.synthetic_subjects, config.synthetic_images_per_subject, size=max(64, config.resolution),
+                                    seed=config.seed, class_word=config.class_word)
+            marker.write_text("ok\n")
+    try:
+        return SubjectFolderDataset(root, config.resolution, flip_prob=config.flip_prob, class_word=config.class_word,
+                                    prompt_template=config.prompt_template, placeholder=config.placeholder)
+    except DataError as error:
+        raise SystemExit(f"data: {error}") from None
+
+
+def open_backbone(config, device, dtype) -> Backbone:
+    try:
+        return load_backbone(config.backbone, dtype=dtype, device=device, seed=config.seed)
+    except (BackboneError, ValueError) as error:
+        raise SystemExit(f"backbone: {error}") from None
+
+
+def open_image_encoder(config, device) -> ImageEncoder:
+    try:
+        encoder = load_image_encoder(config.image_encoder, device=device, seed=config.seed + 1)
+        encoder.feature_spec(config.hidden_state)
+        return encoder
+    except (ImageEncoderError, ValueError) as error:
+        raise SystemExit(f"image encoder: {error}") from None
+
+
+class SubjectBatches:
+    """``get(index, generator)``: the batch of one micro-step of one process."""
+
+    def __init__(self, dataset: SubjectFolderDataset, encoder: ImageEncoder, config, num_processes: int, process_index: int, device):
+        self.dataset, self.encoder, self.config = dataset, encoder, config
+        self.num_processes, self.process_index, self.device = num_processes, process_index, device
+        self._epoch, self._order = -1, None
+
+    def _item(self, position: int) -> int:
+        size = len(self.dataset)
+        epoch = position // size
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = torch.randperm(size, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
+        return int(self._order[position % size])
+
+    def get(self, index: int, generator: torch.Generator) -> Batch:
+        size = self.config.batch_size
+        first = (index * self.num_processes + self.process_index) * size
+        samples = [self.dataset.get(self._item(first + j), generator) for j in range(size)]
+        features = self.encoder.features([s.reference.unsqueeze(0) for s in samples], self.config.hidden_state)
+        return Batch(
+            pixels=torch.stack([s.pixels for s in samples]).to(self.device),
+            features=features.to(self.device),
+            captions=[s.caption for s in samples],
+            subject_ids=[s.subject_id for s in samples],
+        )

@@ -1,0 +1,111 @@
+"""The end-to-end objective: denoising loss through the frozen backbone with each sample's own predicted
+LoRA applied, plus the L2 penalty on the hypernetwork output and the optional extras.
+
+    L = E || eps - eps_{theta + dW(x)}(x_t, t, c) ||^2 + lambda * ||H(x)||^2
+        [+ beta * ||theta_hat - theta_preopt||^2] [+ gamma * L_nn(v)]
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+
+from hypernet import BoundTargets, HyperNetwork, NoiseSchedule, attach_lora
+from hypernet.losses import delta_w_l2, denoising_loss, nearest_neighbor_contrastive_loss, params_l2, weight_space_loss
+from hypernet.lora import LoraWeights
+
+
+@dataclass
+class Batch:
+    pixels: torch.Tensor  # (B, 3, H, W) in [-1, 1]: the images the denoising loss is computed on
+    features: torch.Tensor  # (B, tokens, dim): frozen image-encoder features of the references
+    captions: list[str]  # with the placeholder token already filled in
+    subject_ids: list[str]
+
+
+def split_lora(lora: LoraWeights, modules: dict) -> LoraWeights:
+    names = [n for n in lora.names if n in modules]
+    return LoraWeights({n: lora.down[n] for n in names}, {n: lora.up[n] for n in names})
+
+
+class TokenEmbeddingOverride:
+    """Forward hook replacing the placeholder token's input embedding by a per-sample predicted vector."""
+
+    def __init__(self, embedding_module: torch.nn.Embedding, placeholder_id: int):
+        self.module, self.placeholder_id = embedding_module, placeholder_id
+        self.ids: torch.Tensor | None = None
+        self.vectors: torch.Tensor | None = None
+
+    def __call__(self, module, inputs, output):
+        mask = (inputs[0] == self.placeholder_id).unsqueeze(-1)
+        return torch.where(mask, self.vectors.to(output.dtype).unsqueeze(1), output)
+
+    def attach(self, vectors: torch.Tensor):
+        self.vectors = vectors
+        return self.module.register_forward_hook(self)
+
+
+class HypernetObjective:
+    """Computes the loss of one batch; holds the frozen backbone pieces and the bound target layers."""
+
+    def __init__(self, backbone, unet_targets: BoundTargets, text_targets: BoundTargets | None, config, schedule: NoiseSchedule, preopt: dict | None = None):
+        self.backbone, self.config, self.schedule = backbone, config, schedule
+        self.unet_modules = unet_targets.modules
+        self.text_modules = text_targets.modules if text_targets is not None else {}
+        self.preopt = preopt or {}
+        tokenizer = backbone.tokenizer
+        placeholder_ids = tokenizer(config.placeholder, add_special_tokens=False).input_ids
+        if config.token_embedding and len(placeholder_ids) != 1:
+            raise ValueError(f"placeholder {config.placeholder!r} is {len(placeholder_ids)} tokens; the embedding option needs a single-token placeholder")
+        self.placeholder_id = placeholder_ids[0]
+        self.embedding_override = TokenEmbeddingOverride(backbone.text_encoder.get_input_embeddings(), self.placeholder_id) if config.token_embedding else None
+
+    def tokenize(self, captions: list[str], device) -> torch.Tensor:
+        tokenizer = self.backbone.tokenizer
+        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
+
+    def __call__(self, hypernet: HyperNetwork, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        backbone, config = self.backbone, self.config
+        device = batch.pixels.device
+        out = hypernet(batch.features)
+        size = batch.pixels.shape[0]
+        with torch.no_grad():
+            latents = backbone.encode_images(batch.pixels)
+        noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+        timesteps = torch.randint(0, self.schedule.num_timesteps, (size,), generator=generator).to(device)
+        noisy = self.schedule.add_noise(latents, noise, timesteps)
+        dropped = torch.rand(size, generator=generator) < config.prompt_dropout
+        captions = ["" if drop else caption for caption, drop in zip(batch.captions, dropped.tolist())]
+        ids = self.tokenize(captions, device)
+
+        with ExitStack() as stack:
+            if not self.text_modules and self.embedding_override is None:
+                stack.enter_context(torch.no_grad())  # nothing to learn in the text encoder
+            if self.text_modules:
+                stack.enter_context(attach_lora(self.text_modules, split_lora(out.lora, self.text_modules)))
+            if self.embedding_override is not None:
+                stack.callback(self.embedding_override.attach(out.token_embedding).remove)
+            context = backbone.text_encoder(ids)[0]
+        with attach_lora(self.unet_modules, split_lora(out.lora, self.unet_modules)):
+            prediction = backbone.unet(noisy, timesteps, context).sample
+
+        denoise = denoising_loss(prediction, noise).mean()
+        reg = (delta_w_l2(out.lora) if config.reg_target == "delta_w" else params_l2(out.params)).mean()
+        loss = denoise + config.reg_weight * reg
+        terms = {"denoise": denoise.detach(), "reg": reg.detach()}
+        if config.weight_space_weight > 0 and self.preopt:
+            known = [i for i, s in enumerate(batch.subject_ids) if s in self.preopt]
+            if known:
+                targets = {n: torch.stack([self.preopt[batch.subject_ids[i]][n] for i in known]).to(device) for n in out.params}
+                ws = weight_space_loss({n: p[known] for n, p in out.params.items()}, targets).mean()
+                loss = loss + config.weight_space_weight * ws
+                terms["weight_space"] = ws.detach()
+        if self.embedding_override is not None and config.nn_weight > 0 and size > 1:
+            vocabulary = backbone.text_encoder.get_input_embeddings().weight.detach()
+            nn_loss, _ = nearest_neighbor_contrastive_loss(out.token_embedding, vocabulary, config.nn_temperature)
+            loss = loss + config.nn_weight * nn_loss
+            terms["nn"] = nn_loss.detach()
+        terms["loss"] = loss
+        return terms

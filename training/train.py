@@ -1,0 +1,228 @@
+"""Train a subject hypernetwork end to end, then export what the ComfyUI nodes load.
+
+    python -m training.train --preset demo                      # ~3 min on a CPU, synthetic subjects
+    python -m training.train --config my.yaml --max-steps 5000  # your backbone, encoder and images
+    accelerate launch -m training.train --config my.yaml        # several GPUs / nodes
+
+Reads top to bottom: inputs (validated before any long work), model, loop, export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hypernet import FeatureSpec, HyperNetConfig, HyperNetwork, LidbConfig, NoiseSchedule, locate_targets, save_hypernet
+from hypernet.files import load_compact_subject_lora
+from hypernet.subject import predict_subject_lora
+from hypernet.targets import describe_mismatch, targets_hash
+
+from .checkpoint import load_checkpoint, save_checkpoint, step_generator
+from .config import TrainConfig, load_config
+from .inputs import SubjectBatches, open_backbone, open_dataset, open_image_encoder
+from .objective import HypernetObjective
+from .report import write_sample_grid
+
+log = logging.getLogger("training")
+
+
+@dataclass
+class TrainResult:
+    hypernet_path: Path
+    subject_lora_path: Path
+    compact_lora_path: Path | None
+    grid_path: Path
+    metrics_path: Path
+    final_step: int
+
+
+def run(config: TrainConfig) -> TrainResult:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
+    main_process = accelerator.is_main_process
+    output_dir = Path(config.output_dir)
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="[%(name)s] %(message)s")
+
+    # -- inputs, all validated before any long work
+    dataset = open_dataset(config, output_dir)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+    backbone = open_backbone(config, accelerator.device, weight_dtype)
+    encoder = open_image_encoder(config, accelerator.device)
+    if config.gradient_checkpointing:
+        backbone.unet.enable_gradient_checkpointing()
+        if config.text_encoder_targets:
+            backbone.text_encoder.gradient_checkpointing_enable()
+    if main_process and config.backbone == "tiny":
+        print("NOTE: the 'tiny' backbone is small and randomly initialised (untrained): the sample pictures only show that the pipeline works.", flush=True)
+
+    # -- model
+    unet_targets = locate_targets(backbone.unet)
+    text_targets = locate_targets(None, [backbone.text_encoder]) if config.text_encoder_targets else None
+    layers = unet_targets.layers + (text_targets.layers if text_targets is not None else [])
+    feature_spec = encoder.feature_spec(config.hidden_state)
+    hyper_config = HyperNetConfig(
+        features=feature_spec, width=config.width, depth=config.depth, heads=config.heads, iterations=config.iterations,
+        output=config.output, lidb=LidbConfig(config.lidb_rank, config.lidb_a, config.lidb_b, config.lidb_seed, config.learned_aux),
+        lora_rank=config.lora_rank,
+        token_embedding_dim=backbone.text_encoder.get_input_embeddings().embedding_dim if config.token_embedding else 0,
+    )
+    torch.manual_seed(config.seed)
+    hypernet = HyperNetwork(hyper_config, layers)
+    optimizer = torch.optim.AdamW(hypernet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
+    start_step = 0
+    if config.resume:
+        state = load_checkpoint(output_dir)
+        problem = describe_mismatch(json_layers(state["targets"]), layers)
+        if problem or state["features"] != feature_spec.__dict__:
+            raise SystemExit(f"--resume: the checkpoint was trained with another backbone or image encoder ({problem or 'image features differ'})")
+        hypernet.load_state_dict(state["hypernet"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = state["step"]
+        log.info("resumed from step %d", start_step)
+    hypernet, optimizer, scheduler = accelerator.prepare(hypernet, optimizer, scheduler)
+    schedule = NoiseSchedule(backbone.noise_scheduler.alphas_cumprod.float())
+    objective = HypernetObjective(backbone, unet_targets, text_targets, config, schedule, preopt=load_preopt(config, layers))
+    batches = SubjectBatches(dataset, encoder, config, accelerator.num_processes, accelerator.process_index, accelerator.device)
+    metrics_path = output_dir / "metrics.jsonl"
+    if main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        truncate_metrics(metrics_path, start_step)
+
+    # -- loop
+    progress = make_progress(config, start_step, main_process)
+    last_time, images_seen = time.perf_counter(), 0
+    step = start_step
+    try:
+        for step in range(start_step + 1, config.max_steps + 1):
+            totals: dict[str, float] = {}
+            for micro in range(config.grad_accum):
+                index = (step - 1) * config.grad_accum + micro
+                generator = step_generator(config.seed, index, accelerator.process_index)
+                torch.manual_seed(generator.initial_seed())  # dropout etc. in the hypernetwork
+                batch = batches.get(index, generator)
+                with accelerator.accumulate(hypernet), accelerator.autocast():
+                    terms = objective(hypernet, batch, generator)
+                    accelerator.backward(terms["loss"])
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(hypernet.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for key, value in terms.items():
+                    totals[key] = totals.get(key, 0.0) + float(value.detach()) / config.grad_accum
+                images_seen += batch.pixels.shape[0] * accelerator.num_processes
+            if not math.isfinite(totals["loss"]):
+                raise FloatingPointError(f"loss became {totals['loss']} at step {step}; lower the learning rate or use bf16 instead of fp16")
+            now = time.perf_counter()
+            throughput = images_seen / max(now - last_time, 1e-9)
+            if main_process:
+                progress.update(1)
+                progress.set_postfix(loss=f"{totals['loss']:.4f}", reg=f"{totals['reg']:.3g}", img_s=f"{throughput:.1f}")
+                if step % config.log_every == 0 or step == config.max_steps:
+                    write_metrics(metrics_path, {"step": step, **{k: round(v, 7) for k, v in totals.items()}, "lr": scheduler.get_last_lr()[0], "images_per_s": round(throughput, 3)})
+                    last_time, images_seen = now, 0
+                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                    save_training_state(output_dir, accelerator, hypernet, optimizer, scheduler, step, layers, feature_spec, config)
+                if config.sample_every and step % config.sample_every == 0:
+                    write_sample_grid(output_dir / "samples" / f"step_{step:06d}.png", accelerator.unwrap_model(hypernet), backbone, encoder, dataset, unet_targets, text_targets, config)
+    except KeyboardInterrupt:
+        if main_process:
+            save_training_state(output_dir, accelerator, hypernet, optimizer, scheduler, step - 1, layers, feature_spec, config)
+            print(f"\ninterrupted: checkpoint at step {step - 1} in {output_dir}; continue with --resume", flush=True)
+        raise SystemExit(130)
+    finally:
+        progress.close()
+
+    # -- export
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(hypernet).eval()
+    if not main_process:
+        return None  # type: ignore[return-value]
+    save_training_state(output_dir, accelerator, hypernet, optimizer, scheduler, config.max_steps, layers, feature_spec, config)
+    provenance = {"trainer": "comfyui-subject-hypernet training.train", "steps": config.max_steps, "backbone": str(config.backbone),
+                  "image_encoder": str(config.image_encoder), "data": str(config.data), "seed": config.seed}
+    hypernet_path = save_hypernet(output_dir / "hypernet.safetensors", model.float().cpu(), base_arch=backbone.arch, provenance=provenance)
+    model.to(accelerator.device)
+    reference = dataset.reference_images(0)
+    with torch.no_grad():
+        features = encoder.features(reference, config.hidden_state)
+    from hypernet.files import read_hypernet_info
+
+    subject = predict_subject_lora(model, features, read_hypernet_info(hypernet_path))
+    subject_path = subject.save(output_dir / "subject_lora.safetensors")
+    compact_path = subject.save_compact(output_dir / "subject_lora.compact.safetensors") if subject.can_save_compact else None
+    grid_path = write_sample_grid(output_dir / "samples" / "final.png", model, backbone, encoder, dataset, unet_targets, text_targets, config)
+    print(f"\nexported hypernetwork: {hypernet_path}\nsubject LoRA (kohya):  {subject_path}\n"
+          + (f"subject LoRA (compact, {compact_path.stat().st_size} bytes): {compact_path}\n" if compact_path else "")
+          + f"sample grid (reference | base | personalised | HM-CFG): {grid_path}\nmetrics: {metrics_path}", flush=True)
+    return TrainResult(hypernet_path, subject_path, compact_path, grid_path, metrics_path, config.max_steps)
+
+
+def json_layers(raw):
+    from hypernet.targets import targets_from_json
+
+    return targets_from_json(raw)
+
+
+def save_training_state(output_dir, accelerator, hypernet, optimizer, scheduler, step, layers, feature_spec, config) -> None:
+    from hypernet.targets import targets_to_json
+
+    save_checkpoint(output_dir, {
+        "hypernet": accelerator.unwrap_model(hypernet).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "step": step, "targets": targets_to_json(layers), "targets_sha256": targets_hash(layers), "features": feature_spec.__dict__,
+        "config": config.to_dict(),
+    })
+
+
+def load_preopt(config: TrainConfig, layers) -> dict:
+    """Pre-optimised per-subject LiDB trainables, keyed by subject id (file stem)."""
+    if not config.preopt_dir:
+        return {}
+    found = {}
+    for path in sorted(Path(config.preopt_dir).glob("*.compact.safetensors")):
+        trainables, basis, _ = load_compact_subject_lora(path)
+        problem = describe_mismatch(layers, basis.layers)
+        if problem:
+            raise SystemExit(f"{path}: pre-optimised LoRA made for other layers ({problem})")
+        found[path.name[: -len(".compact.safetensors")]] = trainables
+    if not found:
+        raise SystemExit(f"--preopt-dir {config.preopt_dir}: no *.compact.safetensors files (make them with python -m training.preoptimize)")
+    return found
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric lines written after the checkpoint (the run re-does those steps)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def write_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def make_progress(config: TrainConfig, start: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.max_steps, initial=start, disable=not enabled, desc="training", unit="step", dynamic_ncols=True, file=sys.stdout)
+
+
+def main(argv=None) -> None:
+    run(load_config(argv))
+
+
+if __name__ == "__main__":
+    main()
