@@ -224,6 +224,8 @@ def _from_single_file(path: Path, dtype: torch.dtype) -> Backbone:
     _load_exact(unet, convert_ldm_unet_checkpoint(state, unet_config), f"{path.name} UNet")
 
     text_state = convert_ldm_clip_checkpoint(state)
+    if "text_model.embeddings.token_embedding.weight" not in text_state:
+        raise BackboneError(f"{path.name}: the text encoder is not a CLIP text model")
     hidden = text_state["text_model.embeddings.token_embedding.weight"].shape[1]
     layers = _count(list(text_state), "text_model.encoder.layers.")
     text_config = CLIPTextConfig.from_pretrained(CONFIG_DIR / "text_encoder", local_files_only=True)
@@ -231,6 +233,8 @@ def _from_single_file(path: Path, dtype: torch.dtype) -> Backbone:
                         "intermediate_size": text_state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
                         "vocab_size": text_state["text_model.embeddings.token_embedding.weight"].shape[0]})
     text_encoder = CLIPTextModel(text_config)
+    if not any(k.startswith("text_model.") for k in text_encoder.state_dict()):  # transformers >= 5 dropped the level
+        text_state = {k.removeprefix("text_model."): v for k, v in text_state.items()}
     _load_exact(text_encoder, {k: v for k, v in text_state.items() if not k.endswith("position_ids")}, f"{path.name} text encoder")
 
     if taesd:

@@ -1,0 +1,88 @@
+"""Model files of the real formats, random-initialised, for tests that run inside ComfyUI.
+
+- the smallest checkpoint ComfyUI detects as SD1.5: UNet with model_channels 320, context_dim 768, one
+  level, one res block, one transformer block (ComfyUI's own UNetModel class, so the key layout is
+  exactly ComfyUI's), a TAESD VAE, and a CLIP-L text encoder (fp16);
+- a CLIP-vision file in ComfyUI's models/clip_vision format: ViT-L/14 at 224 px, the smallest config
+  ComfyUI's loader recognises.
+Both are built in a subprocess whose sys.path starts with the ComfyUI root (the repo's ``nodes/``
+package would shadow ComfyUI's ``nodes.py`` otherwise) and cached by a version key.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+FIXTURE_VERSION = "v4"
+CHECKPOINT_NAME = "tiny_sd15.safetensors"
+CLIP_VISION_NAME = "clip_vision_vit_l14.safetensors"
+
+_SCRIPT = r"""
+import math, sys, torch
+comfy_root, out_dir, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sys.path.insert(0, comfy_root)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.ops
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from comfy.taesd.taesd import TAESD
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+generator = torch.Generator().manual_seed(seed)
+
+def init_(module, gain=1.0):
+    # Deterministic random weights; norm weights are 1 (zeros would make the output constant and hide bugs).
+    norms = {id(m.weight) for m in module.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None}
+    for name, param in module.named_parameters():
+        with torch.no_grad():
+            if id(param) in norms:
+                param.fill_(1.0)
+            elif param.dim() >= 2:
+                bound = gain / math.sqrt(param[0].numel())
+                param.copy_((torch.rand(param.shape, generator=generator) * 2 - 1) * bound)
+            else:
+                param.zero_()
+    return module
+
+unet = init_(UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=1, channel_mult=[1],
+                       transformer_depth=[1], transformer_depth_middle=1, transformer_depth_output=[1, 1], context_dim=768,
+                       num_heads=8, use_spatial_transformer=True, use_linear_in_transformer=False, legacy=False,
+                       operations=comfy.ops.disable_weight_init))
+taesd = init_(TAESD(), gain=2.0)  # keeps the decoded images in a visible range (not all mid-gray, not all clipped)
+with torch.no_grad():
+    taesd.vae_scale.fill_(1.0); taesd.vae_shift.fill_(0.0)
+torch.manual_seed(seed)
+text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                    max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768))
+state = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+state.update({"first_stage_model." + k: v for k, v in taesd.state_dict().items()})
+for k, v in text.state_dict().items():
+    k = k if k.startswith("text_model.") else "text_model." + k
+    state["cond_stage_model.transformer." + k] = v.half() if v.is_floating_point() else v
+save_file({k: v.contiguous() for k, v in state.items()}, out_dir + "/CHECKPOINT")
+torch.manual_seed(seed + 1)
+vision = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                                        num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768,
+                                                        hidden_act="quick_gelu"))
+save_file({k: v.half().contiguous() for k, v in vision.state_dict().items() if not k.endswith("position_ids")}, out_dir + "/CLIP_VISION")
+print("ok")
+"""
+
+
+def build_model_files(comfy_root: Path, cache_dir: Path, seed: int = 0) -> dict[str, Path]:
+    """``{'checkpoint': path, 'clip_vision': path}``, generated once per cache dir."""
+    out = cache_dir / f"comfyui-fixtures-{FIXTURE_VERSION}-seed{seed}"
+    files = {"checkpoint": out / CHECKPOINT_NAME, "clip_vision": out / CLIP_VISION_NAME}
+    marker = out / ".complete"
+    if marker.exists() and all(p.exists() for p in files.values()):
+        return files
+    out.mkdir(parents=True, exist_ok=True)
+    script = _SCRIPT.replace("CHECKPOINT", CHECKPOINT_NAME).replace("CLIP_VISION", CLIP_VISION_NAME)
+    result = subprocess.run([sys.executable, "-c", script, str(comfy_root), str(out), str(seed)], capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise RuntimeError(f"building ComfyUI fixtures failed:\n{result.stderr[-4000:]}")
+    marker.write_text("ok\n")
+    return files

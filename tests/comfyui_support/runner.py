@@ -1,0 +1,82 @@
+"""Runs inside a subprocess whose sys.path starts with a ComfyUI root: loads ComfyUI headless on the CPU,
+with this pack installed under a custom_nodes folder, validates and executes API-format prompts with
+ComfyUI's own validator and executor, optionally runs test code, and writes a JSON report.
+
+    python runner.py <spec.json>      (spec: see harness.run_in_comfyui)
+"""
+
+import asyncio
+import json
+import resource
+import sys
+import traceback
+import uuid
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(open(spec_path).read())
+    sys.path.insert(0, spec["comfy_root"])
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.disable_api_nodes = True
+    import folder_paths
+
+    folder_paths.set_output_directory(spec["output_dir"])
+    folder_paths.set_input_directory(spec["input_dir"])
+    folder_paths.set_temp_directory(spec["output_dir"] + "/temp")
+    for name, paths in spec["models"].items():
+        for path in paths:
+            folder_paths.add_model_folder_path(name, path, is_default=True)
+    folder_paths.add_model_folder_path("custom_nodes", spec["custom_nodes"], is_default=True)
+    import utils.extra_config  # noqa: F401  (must precede `import nodes`)
+    import execution
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+
+    class ServerStub:
+        client_id = None
+        last_node_id = None
+        last_prompt_id = None
+        sockets_metadata = {}
+
+        def __init__(self):
+            self.messages = []
+
+        def send_sync(self, event, data, sid=None):
+            if event in ("execution_error", "progress"):
+                self.messages.append([event, {k: v for k, v in data.items() if k in ("node_id", "node_type", "exception_message", "value", "max", "node")}])
+
+    server = ServerStub()
+    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    report = {"loaded_nodes": sorted(k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("SubjectHyperNet_")), "prompts": []}
+    for prompt in spec["prompts"]:
+        prompt_id = str(uuid.uuid4())
+        valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        entry = {"valid": bool(valid[0]), "error": valid[1], "node_errors": valid[3]}
+        if valid[0]:
+            server.messages = []
+            executor.execute(prompt, prompt_id, {}, valid[2])
+            errors = [data for event, data in executor.status_messages if event == "execution_error"]
+            entry.update({
+                "success": executor.success,
+                "execution_error": {k: errors[0].get(k) for k in ("node_id", "node_type", "exception_type", "exception_message")} if errors else None,
+                "outputs": executor.history_result.get("outputs", {}),
+                "progress_events": sum(1 for event, _ in server.messages if event == "progress"),
+            })
+        entry["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        report["prompts"].append(entry)
+    if spec.get("code"):
+        context = {"report": report, "spec": spec, "executor": executor}
+        try:
+            exec(compile(spec["code"], "<test code>", "exec"), context)
+            report["code_result"] = context.get("result")
+        except Exception:
+            report["code_error"] = traceback.format_exc()
+    with open(spec["report_path"], "w") as handle:
+        json.dump(report, handle, default=str)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
