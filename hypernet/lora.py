@@ -59,6 +59,9 @@ class LoraWeights:
     def to(self, *args, **kwargs) -> "LoraWeights":
         return LoraWeights({n: d.to(*args, **kwargs) for n, d in self.down.items()}, {n: u.to(*args, **kwargs) for n, u in self.up.items()})
 
+    def clone(self) -> "LoraWeights":
+        return LoraWeights({n: d.clone() for n, d in self.down.items()}, {n: u.clone() for n, u in self.up.items()})
+
     def detach(self) -> "LoraWeights":
         return LoraWeights({n: d.detach() for n, d in self.down.items()}, {n: u.detach() for n, u in self.up.items()})
 

@@ -73,7 +73,7 @@ class TrainConfig:
     checkpoint_every: int = _opt(200, "Steps between checkpoints (0 = only at the end).")
     sample_every: int = _opt(0, "Steps between sample grids (0 = only at the end).")
     sample_steps: int = _opt(20, "Sampling steps for sample grids.")
-    sample_subjects: int = _opt(3, "Subjects (rows) in a sample grid.")
+    sample_subjects: int = _opt(3, "Subjects (rows) in a sample grid (0 = no grids).")
     tensorboard: bool = _opt(False, "Also log to TensorBoard (needs the tensorboard package).")
     resume: bool = _opt(False, "Continue from output_dir/checkpoint.pt.")
 

@@ -38,7 +38,7 @@ class TrainResult:
     hypernet_path: Path
     subject_lora_path: Path
     compact_lora_path: Path | None
-    grid_path: Path
+    grid_path: Path | None
     metrics_path: Path
     final_step: int
 
@@ -162,10 +162,11 @@ def run(config: TrainConfig) -> TrainResult:
     subject = predict_subject_lora(model, features, read_hypernet_info(hypernet_path))
     subject_path = subject.save(output_dir / "subject_lora.safetensors")
     compact_path = subject.save_compact(output_dir / "subject_lora.compact.safetensors") if subject.can_save_compact else None
-    grid_path = write_sample_grid(output_dir / "samples" / "final.png", model, backbone, encoder, dataset, unet_targets, text_targets, config)
+    grid_path = write_sample_grid(output_dir / "samples" / "final.png", model, backbone, encoder, dataset, unet_targets, text_targets, config) if config.sample_subjects > 0 else None
     print(f"\nexported hypernetwork: {hypernet_path}\nsubject LoRA (kohya):  {subject_path}\n"
           + (f"subject LoRA (compact, {compact_path.stat().st_size} bytes): {compact_path}\n" if compact_path else "")
-          + f"sample grid (reference | base | personalised | HM-CFG): {grid_path}\nmetrics: {metrics_path}", flush=True)
+          + (f"sample grid (reference | base | personalised | HM-CFG): {grid_path}\n" if grid_path else "")
+          + f"metrics: {metrics_path}", flush=True)
     return TrainResult(hypernet_path, subject_path, compact_path, grid_path, metrics_path, config.max_steps)
 
 

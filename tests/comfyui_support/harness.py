@@ -22,20 +22,26 @@ RUNNER = Path(__file__).with_name("runner.py")
 PACK_NAME = "comfyui-subject-hypernet"
 
 
+TEST_ONLY_NODES = Path(__file__).with_name("test_only_nodes")
+
+
 def install_pack(custom_nodes: Path) -> Path:
+    """``custom_nodes/comfyui-subject-hypernet`` -> the repo, plus the test-only node pack."""
     custom_nodes.mkdir(parents=True, exist_ok=True)
-    link = custom_nodes / PACK_NAME
-    if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
+    for name, target in ((PACK_NAME, REPO), ("test_only_nodes", TEST_ONLY_NODES)):
+        link = custom_nodes / name
+        if not link.exists():
+            link.symlink_to(target, target_is_directory=True)
     return custom_nodes
 
 
 def run_in_comfyui(comfy_root: Path, work_dir: Path, *, models: dict[str, list[Path]], prompts: list[dict],
-                   code: str | None = None, timeout: int = 900) -> dict:
+                   code: str | None = None, reset_between: bool = False, timeout: int = 1200) -> dict:
     """Validate and execute ``prompts`` (API format) in one ComfyUI process; returns the runner's report.
 
     ``models`` maps ComfyUI folder names (checkpoints, clip_vision, hypernets, loras, ...) to folders.
     ``code`` runs after the prompts with ``report``/``spec``/``executor`` in scope; it may set ``result``.
+    ``reset_between`` clears the executor's cache before each prompt, so every node runs again.
     """
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -45,7 +51,7 @@ def run_in_comfyui(comfy_root: Path, work_dir: Path, *, models: dict[str, list[P
         "comfy_root": str(Path(comfy_root).resolve()), "custom_nodes": str(install_pack(work_dir / "custom_nodes")),
         "output_dir": str(work_dir / "output"), "input_dir": str(work_dir / "input"),
         "models": {k: [str(Path(p).resolve()) for p in v] for k, v in models.items()}, "prompts": prompts, "code": code,
-        "report_path": str(work_dir / "report.json"),
+        "report_path": str(work_dir / "report.json"), "reset_between": reset_between, "repo": str(REPO),
     }
     spec_path = work_dir / "spec.json"
     spec_path.write_text(json.dumps(spec))

@@ -49,6 +49,10 @@ def main(spec_path: str) -> None:
                 self.messages.append([event, {k: v for k, v in data.items() if k in ("node_id", "node_type", "exception_message", "value", "max", "node")}])
 
     server = ServerStub()
+    import comfy.utils
+
+    progress: list = []  # (value, total) of every ProgressBar update, as the web UI would receive them
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, *args, **kwargs: progress.append([int(value), int(total)]))
     executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
     report = {"loaded_nodes": sorted(k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("SubjectHyperNet_")), "prompts": []}
     for prompt in spec["prompts"]:
@@ -56,16 +60,20 @@ def main(spec_path: str) -> None:
         valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
         entry = {"valid": bool(valid[0]), "error": valid[1], "node_errors": valid[3]}
         if valid[0]:
+            if spec.get("reset_between"):
+                executor.reset()
             server.messages = []
+            progress.clear()
             executor.execute(prompt, prompt_id, {}, valid[2])
             errors = [data for event, data in executor.status_messages if event == "execution_error"]
             entry.update({
                 "success": executor.success,
                 "execution_error": {k: errors[0].get(k) for k in ("node_id", "node_type", "exception_type", "exception_message")} if errors else None,
                 "outputs": executor.history_result.get("outputs", {}),
-                "progress_events": sum(1 for event, _ in server.messages if event == "progress"),
+                "progress": list(progress),
             })
         entry["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        entry["rss_mb"] = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
         report["prompts"].append(entry)
     if spec.get("code"):
         context = {"report": report, "spec": spec, "executor": executor}

@@ -1,0 +1,122 @@
+"""What every node needs from ComfyUI: model folders, the target layers of a MODEL/CLIP, LORA_MODEL
+conversion, CLIP-vision features. Kept here so the node classes stay a few lines each."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+import comfy.model_management
+import comfy.sd
+import folder_paths
+
+from ..hypernet import FeatureError, SubjectLora, TargetMismatchError, locate_targets
+from ..hypernet.files import kohya_to_lora, lora_to_kohya
+from ..hypernet.lora import LoraWeights
+from ..hypernet.targets import BoundTargets, describe_mismatch
+
+log = logging.getLogger("subject_hypernet")
+
+CATEGORY = "subject_hypernet"
+HYPERNET_FOLDER = "hypernets"
+SUBJECT_LORA_FOLDER = "subject_loras"  # compact (LiDB) subject LoRAs; standard ones go to "loras"
+_LISTED_EXTENSIONS = {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}  # pickles are listed so we can refuse them clearly
+
+
+def register_model_folders() -> None:
+    """``models/hypernets`` and ``models/subject_loras``. Folders from extra_model_paths.yaml (read before
+    custom nodes load) stay first, so saves go where the user configured."""
+    for name in (HYPERNET_FOLDER, SUBJECT_LORA_FOLDER):
+        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=False)
+        paths, _ = folder_paths.folder_names_and_paths[name]
+        folder_paths.folder_names_and_paths[name] = (paths, set(_LISTED_EXTENSIONS))
+
+
+class SubjectLoraDict(dict):
+    """A core ``LORA_MODEL`` (a kohya state dict, so core nodes can apply/save it) that also carries
+    the :class:`SubjectLora` it came from, for our nodes (compact saving, exact factors)."""
+
+    subject: SubjectLora | None = None
+
+
+def lora_model_from_subject(subject: SubjectLora) -> SubjectLoraDict:
+    state = SubjectLoraDict(lora_to_kohya(subject.lora))
+    state.subject = subject
+    return state
+
+
+def lora_weights_from_lora_model(lora_model: dict) -> LoraWeights:
+    subject = getattr(lora_model, "subject", None)
+    if subject is not None:
+        return subject.lora
+    return kohya_to_lora(dict(lora_model), "LORA_MODEL input")
+
+
+def unet_part(lora: LoraWeights, modules: dict) -> LoraWeights:
+    """The layers of ``lora`` that exist in ``modules`` (e.g. the UNet part of a UNet + text-encoder LoRA)."""
+    names = [n for n in lora.names if n in modules]
+    return LoraWeights({n: lora.down[n] for n in names}, {n: lora.up[n] for n in names})
+
+
+def text_encoders_of(clip) -> list[torch.nn.Module]:
+    """The CLIP text transformers inside a ComfyUI CLIP, in kohya order (clip_l, then clip_g)."""
+    if clip is None:
+        return []
+    model = clip.cond_stage_model
+    return [getattr(model, name).transformer for name in ("clip_l", "clip_g") if hasattr(model, name)]
+
+
+def model_targets(model, clip=None) -> BoundTargets:
+    return locate_targets(model.model.diffusion_model, text_encoders_of(clip))
+
+
+def check_hypernet_fits(hypernet, model, clip) -> None:
+    """Refuse a hypernetwork made for another base model, naming the first difference."""
+    wanted = hypernet.layers
+    needs_text = any("_text_model_" in layer.name for layer in wanted)
+    if needs_text and clip is None:
+        raise TargetMismatchError(
+            "this hypernetwork also adapts the text encoder: connect the CLIP from the same checkpoint to 'clip'"
+        )
+    found = model_targets(model, clip if needs_text else None).layers
+    problem = describe_mismatch(wanted, found)
+    if problem:
+        raise TargetMismatchError(
+            f"this hypernetwork was trained for another base model than the one connected ({problem}). "
+            "Use the checkpoint family it was made for."
+        )
+
+
+def as_rgb(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE (B, H, W, C) with any channel count -> RGB; refuses empty batches."""
+    if image is None or image.dim() != 4 or image.shape[0] == 0:
+        shape = None if image is None else tuple(image.shape)
+        raise FeatureError(f"need at least one reference image (an IMAGE batch of shape (B, H, W, C)); got {shape}")
+    channels = image.shape[-1]
+    if channels == 1:
+        return image.expand(-1, -1, -1, 3)
+    if channels == 2:  # grayscale + alpha
+        return image[..., :1].expand(-1, -1, -1, 3)
+    if channels >= 3:
+        return image[..., :3]
+    raise FeatureError(f"unsupported image with {channels} channels")
+
+
+def clip_vision_features(clip_vision, image: torch.Tensor, hidden_state: str) -> torch.Tensor:
+    """Features the hypernetwork reads, computed by ComfyUI's own CLIP-vision preprocessing and model."""
+    output = clip_vision.encode_image(as_rgb(image), crop=True)
+    features = getattr(output, hidden_state, None)  # ComfyUI's Output is attribute-based
+    if features is None:
+        raise FeatureError(f"the CLIP vision model gives no '{hidden_state}' output")
+    if features.dim() == 2:  # image_embeds
+        features = features.unsqueeze(1)
+    return features.to(comfy.model_management.intermediate_device(), torch.float32)
+
+
+def apply_lora_model(model, clip, lora_model: dict, strength_model: float, strength_clip: float):
+    """Exactly what the core LoraLoader does with a file's contents: patch clones of MODEL and CLIP."""
+    if strength_model == 0 and strength_clip == 0:
+        return model, clip
+    return comfy.sd.load_lora_for_models(model, clip, lora_model, strength_model, strength_clip)

@@ -1,0 +1,120 @@
+"""Rank-Relaxed Finetune: sharpen a predicted subject LoRA with a few dozen denoising steps on the image(s)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+
+from ..hypernet import FinetuneConfig, NoiseSchedule, SubjectLora, locate_targets, rank_relaxed_finetune
+from ..hypernet.lora import LoraWeights
+from .comfy_bridge import CATEGORY, apply_lora_model, as_rgb, lora_model_from_subject, lora_weights_from_lora_model, unet_part
+
+log = logging.getLogger("subject_hypernet")
+
+
+def _trainable_copy_of_weights(module: torch.nn.Module) -> None:
+    # Weights loaded by the executor are inference tensors, which autograd cannot save for backward.
+    # Equal-valued ordinary tensors replace them (the values, and so the shared model, do not change).
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            if param.is_inference():
+                setattr(sub, name, torch.nn.Parameter(param.detach().clone(), requires_grad=False))
+            else:
+                param.requires_grad_(False)
+
+
+def _eps_denoiser(base_model, cond: torch.Tensor, schedule: NoiseSchedule):
+    """ComfyUI predicts denoised x0 from ``x0 + sigma * eps`` at noise level sigma; the loop wants eps at DDPM x_t."""
+
+    def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        abar = schedule.alphas_cumprod.to(x_t.device)[t].reshape(-1, 1, 1, 1)
+        sigma = ((1 - abar) / abar).sqrt()
+        x_in = x_t / abar.sqrt()
+        denoised = base_model.apply_model(x_in, sigma.flatten(), c_crossattn=cond.expand(x_t.shape[0], -1, -1))
+        return (x_in - denoised) / sigma
+
+    return denoiser
+
+
+class RankRelaxedFinetune:
+    DESCRIPTION = (
+        "Fast finetune (HyperDreamBooth): keeps the predicted LoRA, trains a fresh higher-rank LoRA on top for a few "
+        "dozen steps on the subject image(s), and returns both merged into one LoRA. The input model is not changed."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The BASE model (not the Predict node's output, which already has the LoRA)."}),
+                "subject_lora": ("LORA_MODEL", {"tooltip": "The predicted subject LoRA."}),
+                "image": ("IMAGE", {"tooltip": "The subject image(s) to tune on."}),
+                "vae": ("VAE", {"tooltip": "The checkpoint's VAE, to encode the images."}),
+                "positive": ("CONDITIONING", {"tooltip": "The training prompt, e.g. 'a photo of sks dog', encoded with the subject CLIP."}),
+                "steps": ("INT", {"default": 40, "min": 1, "max": 2000, "tooltip": "Training steps (the paper uses 40)."}),
+                "rank": ("INT", {"default": 4, "min": 1, "max": 128, "tooltip": "Rank of the fresh LoRA trained on top of the prediction."}),
+                "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5, "round": 1e-7, "tooltip": "AdamW learning rate."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Seed for noise and timesteps."}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL", "LORA_MODEL")
+    RETURN_NAMES = ("model", "subject_lora")
+    OUTPUT_TOOLTIPS = ("The base model with the finetuned subject LoRA applied.", "Predicted + learned LoRA merged (rank <= 1 + rank).")
+    FUNCTION = "finetune"
+    CATEGORY = CATEGORY
+
+    def finetune(self, model, subject_lora, image, vae, positive, steps, rank, learning_rate, seed):
+        lora = lora_weights_from_lora_model(subject_lora)
+        latents = model.model.process_latent_in(vae.encode(as_rgb(image)))
+        cond = positive[0][0]
+        progress = comfy.utils.ProgressBar(steps)
+
+        def on_step(step: int, loss: float) -> None:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            progress.update(1)
+
+        with torch.inference_mode(False), torch.enable_grad():
+            work = model.clone()
+            comfy.model_management.load_models_gpu([work], force_full_load=True)
+            device = work.load_device
+            diffusion_model = work.model.diffusion_model
+            _trainable_copy_of_weights(diffusion_model)
+            targets = locate_targets(diffusion_model)
+            sampling = work.get_model_object("model_sampling")
+            schedule = NoiseSchedule(1.0 / (1.0 + sampling.sigmas.detach().clone().float().cpu() ** 2))
+            config = FinetuneConfig(steps=steps, rank=rank, learning_rate=learning_rate, seed=seed)
+            result = rank_relaxed_finetune(
+                targets.modules, unet_part(lora, targets.modules).clone(), latents.detach().clone().to(device),
+                _eps_denoiser(work.model, cond.detach().clone().to(device), schedule), schedule, config, on_step,
+            )
+        merged = _with_text_encoder_part(result.lora, lora)
+        source = getattr(subject_lora, "subject", None)
+        subject = SubjectLora(
+            layers=source.layers if source is not None else _layers_of(merged),
+            lora=merged,
+            base_arch=source.base_arch if source is not None else "unknown",
+            provenance={**(source.provenance if source is not None else {}), "finetune": {"steps": steps, "rank": rank, "learning_rate": learning_rate, "seed": seed, "final_loss": result.losses[-1] if result.losses else None}},
+        )
+        lora_model = lora_model_from_subject(subject)
+        new_model, _ = apply_lora_model(model, None, lora_model, 1.0, 0.0)
+        return (new_model, lora_model)
+
+
+def _with_text_encoder_part(unet_lora: LoraWeights, original: LoraWeights) -> LoraWeights:
+    # Conditioning arrives pre-encoded, so text-encoder layers are not tuned; keep their predicted values.
+    down, up = {}, {}
+    for name in original.names:
+        source = unet_lora if name in unet_lora.down else original
+        down[name], up[name] = source.down[name], source.up[name]
+    return LoraWeights(down, up)
+
+
+def _layers_of(lora: LoraWeights):
+    from ..hypernet.targets import TargetLayer
+
+    return [TargetLayer(n, lora.down[n].shape[-1], lora.up[n].shape[-2]) for n in lora.names]

@@ -1,0 +1,86 @@
+"""Save Subject LoRA / Apply Subject LoRA."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+from ..hypernet.files import save_subject_lora, write_safetensors_atomic
+from .comfy_bridge import CATEGORY, SUBJECT_LORA_FOLDER, apply_lora_model
+
+
+def _free_path(folder: str, prefix: str, suffix: str) -> str:
+    """``<folder>/<prefix>_00001<suffix>``, the first number not taken (never overwrites)."""
+    prefix = prefix.strip().replace("\\", "/")
+    if not prefix or prefix.startswith("/") or ".." in prefix.split("/"):
+        raise ValueError(f"invalid filename prefix {prefix!r}: use a plain name, optionally with sub-folders")
+    counter = 1
+    while os.path.exists(path := os.path.join(folder, f"{prefix}_{counter:05d}{suffix}")):
+        counter += 1
+    return path
+
+
+class SaveSubjectLora:
+    DESCRIPTION = (
+        "Saves a subject LoRA as a standard kohya LoRA in models/loras (the core Load LoRA node, A1111 and diffusers load it) "
+        "and, when it came from a LiDB hypernetwork, also the ~100 KB compact form in models/subject_loras."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "subject_lora": ("LORA_MODEL", {"tooltip": "From Predict Subject LoRA or Rank-Relaxed Finetune."}),
+                "filename_prefix": ("STRING", {"default": "subject", "tooltip": "File name prefix; a number is appended, nothing is overwritten."}),
+                "save_compact": ("BOOLEAN", {"default": True, "tooltip": "Also write the compact LiDB form (only for unfinetuned hypernetwork predictions)."}),
+            }
+        }
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("lora_name",)
+    OUTPUT_TOOLTIPS = ("The saved file's name as the Load LoRA node lists it.",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = f"{CATEGORY}/lora"
+
+    def save(self, subject_lora, filename_prefix, save_compact):
+        loras_dir = folder_paths.get_folder_paths("loras")[0]
+        path = _free_path(loras_dir, filename_prefix, ".safetensors")
+        subject = getattr(subject_lora, "subject", None)
+        written = []
+        if subject is not None:
+            written.append(subject.save(path))
+            if save_compact and subject.can_save_compact:
+                compact_dir = folder_paths.get_folder_paths(SUBJECT_LORA_FOLDER)[0]
+                written.append(subject.save_compact(_free_path(compact_dir, filename_prefix, ".compact.safetensors")))
+        else:  # a LORA_MODEL from elsewhere: write its kohya dict as is
+            written.append(write_safetensors_atomic(dict(subject_lora), {"format": "kohya"}, path))
+        name = os.path.relpath(path, loras_dir)
+        return {"ui": {"text": [str(p) for p in written]}, "result": (name,)}
+
+
+class ApplySubjectLora:
+    DESCRIPTION = "Applies a LORA_MODEL to MODEL and CLIP exactly as the core LoRA loader applies a file."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The base model."}),
+                "subject_lora": ("LORA_MODEL", {"tooltip": "The subject LoRA."}),
+                "strength_model": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "Strength on the diffusion model."}),
+            },
+            "optional": {
+                "clip": ("CLIP", {"tooltip": "The CLIP, when the LoRA adapts the text encoder."}),
+                "strength_clip": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "Strength on the text encoder."}),
+            },
+        }
+
+    RETURN_TYPES = ("MODEL", "CLIP")
+    OUTPUT_TOOLTIPS = ("The adapted model.", "The adapted CLIP (None if no CLIP was connected).")
+    FUNCTION = "apply"
+    CATEGORY = f"{CATEGORY}/lora"
+
+    def apply(self, model, subject_lora, strength_model, clip=None, strength_clip=1.0):
+        return apply_lora_model(model, clip, subject_lora, strength_model, strength_clip if clip is not None else 0.0)

@@ -1,0 +1,90 @@
+"""Session fixtures shared by the tests that run inside a real ComfyUI tree."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache"
+sys.path.insert(0, str(REPO / "scripts"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Names the shipped workflows use for the user's model files.
+WORKFLOW_FILES = {
+    "checkpoints": "v1-5-pruned-emaonly.safetensors",
+    "clip_vision": "CLIP-ViT-L-14.safetensors",
+    "hypernets": "subject_hypernet_sd15.safetensors",
+}
+
+
+@pytest.fixture(scope="session")
+def comfyui_root() -> Path:
+    from get_comfyui import ensure_comfyui
+
+    return ensure_comfyui()
+
+
+@pytest.fixture(scope="session")
+def comfy_model_files(comfyui_root) -> dict[str, Path]:
+    from comfyui_support.fixtures import build_model_files
+
+    return build_model_files(comfyui_root, CACHE)
+
+
+@pytest.fixture(scope="session")
+def trained_hypernet(comfy_model_files, tmp_path_factory) -> Path:
+    """A hypernetwork trained by `python -m training.train` on the fixture checkpoint and CLIP vision files."""
+    out = tmp_path_factory.mktemp("trained_hypernet")
+    command = [
+        sys.executable, "-m", "training.train", "--backbone", str(comfy_model_files["checkpoint"]),
+        "--image-encoder", str(comfy_model_files["clip_vision"]), "--data", "synthetic", "--synthetic-subjects", "4",
+        "--synthetic-images-per-subject", "2", "--resolution", "64", "--width", "64", "--depth", "1", "--heads", "4",
+        "--iterations", "2", "--lidb-a", "16", "--lidb-b", "16", "--batch-size", "2", "--max-steps", "4",
+        "--learning-rate", "3e-3", "--sample-subjects", "0", "--output-dir", str(out),
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out / "hypernet.safetensors"
+
+
+@pytest.fixture(scope="session")
+def subject_image(tmp_path_factory) -> Path:
+    from training.synthetic import SyntheticWorld
+
+    world = SyntheticWorld(0)
+    import random
+
+    path = tmp_path_factory.mktemp("input") / "subject.png"
+    world.render(world.subjects(1, "heldout")[0], world.sample_context(random.Random(1)), 96).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def comfy_models(tmp_path_factory, comfy_model_files, trained_hypernet, subject_image) -> dict[str, list[Path]]:
+    """Model folders laid out as a user has them, with the file names the shipped workflows use."""
+    root = tmp_path_factory.mktemp("models")
+    sources = {"checkpoints": comfy_model_files["checkpoint"], "clip_vision": comfy_model_files["clip_vision"], "hypernets": trained_hypernet}
+    folders = {}
+    for folder, source in sources.items():
+        (root / folder).mkdir()
+        (root / folder / WORKFLOW_FILES[folder]).symlink_to(source)
+        folders[folder] = [root / folder]
+    for folder in ("loras", "subject_loras"):
+        (root / folder).mkdir()
+        folders[folder] = [root / folder]
+    folders["__input__"] = [subject_image]
+    return folders
+
+
+def prepare_work_dir(work_dir: Path, models: dict[str, list[Path]]) -> dict[str, list[Path]]:
+    """Copy the subject image into the ComfyUI input folder; returns the model folders without the marker."""
+    (work_dir / "input").mkdir(parents=True, exist_ok=True)
+    for image in models.get("__input__", []):
+        shutil.copy(image, work_dir / "input" / image.name)
+    return {k: v for k, v in models.items() if not k.startswith("__")}
