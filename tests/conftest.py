@@ -88,3 +88,22 @@ def prepare_work_dir(work_dir: Path, models: dict[str, list[Path]]) -> dict[str,
     for image in models.get("__input__", []):
         shutil.copy(image, work_dir / "input" / image.name)
     return {k: v for k, v in models.items() if not k.startswith("__")}
+
+
+@pytest.fixture(scope="session")
+def bad_hypernets(comfy_models, trained_hypernet) -> dict[str, str]:
+    """Hypernetwork files that must be refused in a graph, written beside the good one."""
+    from dataclasses import replace
+
+    from hypernet import HyperNetwork, load_hypernet, locate_targets, save_hypernet
+    from training.backbone import tiny_backbone
+
+    folder = comfy_models["hypernets"][0]
+    good, info = load_hypernet(trained_hypernet)
+    other = locate_targets(tiny_backbone().unet).layers  # another base model's layers
+    save_hypernet(folder / "for_another_model.safetensors", HyperNetwork(info.config, other), base_arch="sd15-tiny")
+    vit_h = replace(info.config, features=replace(info.config.features, dim=1280, encoder="CLIP ViT-H/14"))
+    save_hypernet(folder / "for_vit_h.safetensors", HyperNetwork(vit_h, info.layers), base_arch="sd15")
+    data = trained_hypernet.read_bytes()
+    (folder / "truncated.safetensors").write_bytes(data[: len(data) // 3])
+    return {"model": "for_another_model.safetensors", "encoder": "for_vit_h.safetensors", "corrupt": "truncated.safetensors"}

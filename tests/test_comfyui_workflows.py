@@ -74,8 +74,26 @@ def core_lora_variant(prompt: dict, prefix: str, lora_name: str) -> dict:
     return prompt
 
 
+def bad_variant(prompt: dict, prefix: str, hypernet: str | None = None, empty_image: bool = False) -> dict:
+    prompt = shrink(prompt, prefix)
+    if hypernet:
+        prompt["3"]["inputs"]["hypernet_name"] = hypernet
+    if empty_image:
+        prompt["4"] = {"class_type": "TestEmptyImageBatch", "inputs": {}}
+    return prompt
+
+
+def with_seed(prompt: dict, prefix: str, seed: int) -> dict:
+    prompt = shrink(prompt, prefix)
+    next(n for n in prompt.values() if n["class_type"] == "SubjectHyperNet_HMCFGKSampler")["inputs"]["seed"] = seed
+    return prompt
+
+
+REPEATS = 20
+
+
 @pytest.fixture(scope="module")
-def comfy_run(comfyui_root, comfy_models, tmp_path_factory):
+def comfy_run(comfyui_root, comfy_models, bad_hypernets, tmp_path_factory):
     work = tmp_path_factory.mktemp("comfy_workflows")
     models = prepare_work_dir(work, comfy_models)
     ks = load("personalize_ksampler")
@@ -87,7 +105,16 @@ def comfy_run(comfyui_root, comfy_models, tmp_path_factory):
     # after save_subject_lora ran, the saved file is in models/loras under the first free name
     names += ["core_lora"]
     prompts += [core_lora_variant(ks, "core_lora", "save_subject_lora/subject_00001.safetensors")]
-    report = run_in_comfyui(comfyui_root, work, models=models, prompts=prompts, reset_between=True, code=PARITY_CODE)
+    # bad input through a real graph
+    names += ["bad_model", "bad_encoder", "bad_file", "bad_empty"]
+    prompts += [bad_variant(ks, "bad", bad_hypernets["model"]), bad_variant(ks, "bad", bad_hypernets["encoder"]),
+                bad_variant(ks, "bad", bad_hypernets["corrupt"]), bad_variant(ks, "bad", empty_image=True)]
+    items = [{"prompt": p, "reset": True} for p in prompts]
+    # repeated runs of one graph with new seeds (models cached as in normal use): memory must not grow
+    hm = load("personalize_hmcfg")
+    names += [f"repeat_{i}" for i in range(REPEATS)]
+    items += [{"prompt": with_seed(hm, "repeat", i), "reset": False} for i in range(REPEATS)]
+    report = run_in_comfyui(comfyui_root, work, models=models, prompts=items, code=PARITY_CODE)
     return {"report": report, "results": dict(zip(names, report["prompts"])), "work": work, "models": models}
 
 
@@ -146,6 +173,47 @@ ours = load_image_encoder(clip_path)
 theirs = comfy.clip_vision.load(clip_path).encode_image(image, crop=True)
 result["clip_vision_max_abs_diff"] = {k: float((ours.features(image, k) - (theirs[k] if theirs[k].dim() == 3 else theirs[k].unsqueeze(1)).float()).abs().max())
                                       for k in ("last_hidden_state", "penultimate_hidden_states", "image_embeds")}
+
+# HM-CFG: the guider's denoised output at one (x, sigma) vs the pure formula on three separately computed predictions
+import nodes as core
+guider_module = sys.modules[core.NODE_CLASS_MAPPINGS["SubjectHyperNet_HMCFGGuider"].__module__]
+guidance = sys.modules[guider_module.__name__.rsplit(".", 2)[0] + ".hypernet.guidance"]
+model, clip, vae = core.CheckpointLoaderSimple().load_checkpoint("v1-5-pruned-emaonly.safetensors")[:3]
+hypernet = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_LoadHyperNet"]().load("subject_hypernet_sd15.safetensors")["result"][0]
+clip_vision = core.CLIPVisionLoader().load_clip("CLIP-ViT-L-14.safetensors")[0]
+image = core.LoadImage().load_image("subject.png")[0]
+model_s, clip_s, lora = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_PredictSubjectLora"]().predict(hypernet, clip_vision, image, model, 1.0, clip, 1.0)
+encode = lambda c, text: core.CLIPTextEncode().encode(c, text)[0]
+pos, neg, subj = encode(clip, "a photo of a sks toy"), encode(clip, "blurry"), encode(clip_s, "a photo of a sks toy")
+
+def one_evaluation(model_fn, x, sigmas, extra_args=None, callback=None, disable=None):
+    return model_fn(x, sigmas[0] * x.new_ones([x.shape[0]]), **(extra_args or {}))
+
+sampler = comfy.samplers.KSAMPLER(one_evaluation)
+sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 4).cpu()
+latent = torch.zeros(1, 4, 8, 8)
+noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+
+def run(guider):
+    return guider.sample(noise, latent, sampler, sigmas, seed=0).float()
+
+def plain(m, positive, negative):
+    g = comfy.samplers.CFGGuider(m)
+    g.set_conds(positive, negative)
+    g.set_cfg(1.0)
+    return run(g)
+
+base_c, base_u, subject_c = plain(model, pos, neg), plain(model, neg, neg), plain(model_s, subj, neg)
+expected = guidance.hm_cfg(base_u, base_c, subject_c, 5.0, 2.0)
+hm = {}
+for implementation in ("comfy_hooks", "batched"):
+    g = guider_module.make_guider(model, lora, pos, neg, 5.0, 2.0, 0.0, 1.0, subject_positive=subj, implementation=implementation)
+    hm[implementation] = {"max_abs_diff": float((run(g) - expected).abs().max())}
+hm["scale"] = float(expected.abs().max())
+hm["subject_term_matters"] = float((expected - guidance.hm_cfg(base_u, base_c, None, 5.0, 2.0)).abs().max())
+closed = guider_module.make_guider(model, lora, pos, neg, 5.0, 2.0, 0.5, 1.0, subject_positive=subj)  # first step is outside
+hm["gate_closed_equals_cfg"] = float((run(closed) - guidance.hm_cfg(base_u, base_c, None, 5.0, 2.0)).abs().max())
+result["hmcfg"] = hm
 """
 
 
@@ -156,3 +224,33 @@ def test_training_features_equal_comfyui_clip_vision_features(comfy_run):
     print("CLIP vision parity, max |training - ComfyUI|:", diffs)
     assert set(diffs) == {"last_hidden_state", "penultimate_hidden_states", "image_embeds"}
     assert max(diffs.values()) < 1e-3
+
+
+@pytest.mark.parametrize("case, node, message", [
+    ("bad_model", "SubjectHyperNet_PredictSubjectLora", "trained for another base model"),
+    ("bad_encoder", "SubjectHyperNet_PredictSubjectLora", "expects image features of shape (batch, 257, 1280)"),
+    ("bad_file", "SubjectHyperNet_LoadHyperNet", "corrupt or truncated"),
+    ("bad_empty", "SubjectHyperNet_PredictSubjectLora", "need at least one reference image"),
+])
+def test_bad_input_gives_a_clear_error_on_the_right_node(comfy_run, case, node, message):
+    error = comfy_run["results"][case]["execution_error"]
+    assert error is not None and error["node_type"] == node
+    assert message in error["exception_message"]
+
+
+def test_repeated_runs_do_not_grow_memory(comfy_run):
+    rss = [comfy_run["results"][f"repeat_{i}"]["rss_mb"] for i in range(REPEATS)]
+    assert all(comfy_run["results"][f"repeat_{i}"]["success"] for i in range(REPEATS))
+    print(f"RSS over {REPEATS} runs (MB): first {rss[0]:.0f}, 5th {rss[4]:.0f}, last {rss[-1]:.0f}")
+    assert rss[-1] - rss[4] < 40, rss  # steady state after warm-up: no per-run leak
+
+
+def test_hmcfg_guider_equals_the_pure_function_of_three_model_predictions(comfy_run):
+    result = comfy_run["report"]["code_result"]
+    print("HM-CFG parity:", result["hmcfg"])
+    hm = result["hmcfg"]
+    tolerance = 2e-5 * hm["scale"]  # float32 rounding: ComfyUI batches the predictions differently in each route
+    for implementation in ("comfy_hooks", "batched"):
+        assert hm[implementation]["max_abs_diff"] < tolerance, hm
+    assert hm["subject_term_matters"] > 1000 * tolerance  # the comparison is not vacuous
+    assert hm["gate_closed_equals_cfg"] < tolerance

@@ -55,12 +55,14 @@ def main(spec_path: str) -> None:
     comfy.utils.set_progress_bar_global_hook(lambda value, total, *args, **kwargs: progress.append([int(value), int(total)]))
     executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
     report = {"loaded_nodes": sorted(k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("SubjectHyperNet_")), "prompts": []}
-    for prompt in spec["prompts"]:
+    for item in spec["prompts"]:
+        # an item is a prompt, or {"prompt": ..., "reset": bool} to choose per prompt whether caches are cleared
+        prompt, reset = (item["prompt"], item.get("reset", spec.get("reset_between"))) if "prompt" in item else (item, spec.get("reset_between"))
         prompt_id = str(uuid.uuid4())
         valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
         entry = {"valid": bool(valid[0]), "error": valid[1], "node_errors": valid[3]}
         if valid[0]:
-            if spec.get("reset_between"):
+            if reset:
                 executor.reset()
             server.messages = []
             progress.clear()
