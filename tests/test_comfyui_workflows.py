@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from comfyui_support.harness import run_in_comfyui
+from comfyui_support.workflow_format import NODE_SPECS_CODE, strip_meta, ui_to_api
 from conftest import prepare_work_dir
 
 pytestmark = pytest.mark.comfyui
@@ -114,7 +115,8 @@ def comfy_run(comfyui_root, comfy_models, bad_hypernets, tmp_path_factory):
     hm = load("personalize_hmcfg")
     names += [f"repeat_{i}" for i in range(REPEATS)]
     items += [{"prompt": with_seed(hm, "repeat", i), "reset": False} for i in range(REPEATS)]
-    report = run_in_comfyui(comfyui_root, work, models=models, prompts=items, code=PARITY_CODE)
+    node_types = sorted({n["class_type"] for name in WORKFLOWS for n in load(name).values()})
+    report = run_in_comfyui(comfyui_root, work, models=models, prompts=items, code=PARITY_CODE, node_types=node_types)
     return {"report": report, "results": dict(zip(names, report["prompts"])), "work": work, "models": models}
 
 
@@ -214,6 +216,8 @@ hm["subject_term_matters"] = float((expected - guidance.hm_cfg(base_u, base_c, N
 closed = guider_module.make_guider(model, lora, pos, neg, 5.0, 2.0, 0.5, 1.0, subject_positive=subj)  # first step is outside
 hm["gate_closed_equals_cfg"] = float((run(closed) - guidance.hm_cfg(base_u, base_c, None, 5.0, 2.0)).abs().max())
 result["hmcfg"] = hm
+""" + NODE_SPECS_CODE + """
+result["node_specs"] = node_specs
 """
 
 
@@ -254,3 +258,9 @@ def test_hmcfg_guider_equals_the_pure_function_of_three_model_predictions(comfy_
         assert hm[implementation]["max_abs_diff"] < tolerance, hm
     assert hm["subject_term_matters"] > 1000 * tolerance  # the comparison is not vacuous
     assert hm["gate_closed_equals_cfg"] < tolerance
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_ui_workflow_describes_the_same_graph_as_its_api_twin(comfy_run, name):
+    ui = json.loads((API_DIR.parent / f"{name}.json").read_text())
+    assert ui_to_api(ui, comfy_run["report"]["code_result"]["node_specs"]) == strip_meta(load(name))

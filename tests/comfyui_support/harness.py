@@ -36,7 +36,7 @@ def install_pack(custom_nodes: Path) -> Path:
 
 
 def run_in_comfyui(comfy_root: Path, work_dir: Path, *, models: dict[str, list[Path]], prompts: list[dict],
-                   code: str | None = None, reset_between: bool = False, timeout: int = 1200) -> dict:
+                   code: str | None = None, reset_between: bool = False, node_types: list[str] | None = None, timeout: int = 1200) -> dict:
     """Validate and execute ``prompts`` (API format) in one ComfyUI process; returns the runner's report.
 
     ``models`` maps ComfyUI folder names (checkpoints, clip_vision, hypernets, loras, ...) to folders.
@@ -52,6 +52,7 @@ def run_in_comfyui(comfy_root: Path, work_dir: Path, *, models: dict[str, list[P
         "output_dir": str(work_dir / "output"), "input_dir": str(work_dir / "input"),
         "models": {k: [str(Path(p).resolve()) for p in v] for k, v in models.items()}, "prompts": prompts, "code": code,
         "report_path": str(work_dir / "report.json"), "reset_between": reset_between, "repo": str(REPO),
+        "node_types": node_types or [],
     }
     spec_path = work_dir / "spec.json"
     spec_path.write_text(json.dumps(spec))
