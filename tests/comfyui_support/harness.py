@@ -127,11 +127,12 @@ class ComfyServer:
         with urllib.request.urlopen(self.url + path, timeout=30) as response:
             return json.loads(response.read())
 
-    def post(self, path: str, payload: dict) -> tuple[int, dict]:
+    def post(self, path: str, payload) -> tuple[int, dict]:
         request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
+                body = response.read()
+                return response.status, json.loads(body) if body.strip() else {}
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read() or b"{}")
 
