@@ -73,10 +73,14 @@ class SubjectBatches:
         size = self.config.batch_size
         first = (index * self.num_processes + self.process_index) * size
         samples = [self.dataset.get(self._item(first + j), generator) for j in range(size)]
-        features = self.encoder.features([s.reference.unsqueeze(0) for s in samples], self.config.hidden_state)
+        return self.assemble(samples, self.encoder, self.config, self.device)
+
+    @staticmethod
+    def assemble(samples, encoder: ImageEncoder, config, device, with_features: bool = True) -> Batch:
+        features = encoder.features([s.reference.unsqueeze(0) for s in samples], config.hidden_state) if with_features else torch.zeros(len(samples), 1, 1)
         return Batch(
-            pixels=torch.stack([s.pixels for s in samples]).to(self.device),
-            features=features.to(self.device),
+            pixels=torch.stack([s.pixels for s in samples]).to(device),
+            features=features.to(device),
             captions=[s.caption for s in samples],
             subject_ids=[s.subject_id for s in samples],
         )

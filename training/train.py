@@ -60,6 +60,8 @@ def run(config: TrainConfig) -> TrainResult:
         backbone.unet.enable_gradient_checkpointing()
         if config.text_encoder_targets:
             backbone.text_encoder.gradient_checkpointing_enable()
+    if main_process:
+        print(f"training on {accelerator.num_processes} process(es), device {accelerator.device}, precision {config.mixed_precision}", flush=True)
     if main_process and config.backbone == "tiny":
         print("NOTE: the 'tiny' backbone is small and randomly initialised (untrained): the sample pictures only show that the pipeline works.", flush=True)
 

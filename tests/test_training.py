@@ -1,0 +1,143 @@
+"""`python -m training.train`: CLI, demo run and exports, exact resume after a kill, bad inputs, 2-process run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hypernet import expand_compact_subject_lora, load_hypernet, load_subject_lora
+from training.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+FAST = ["--preset", "demo", "--synthetic-subjects", "6", "--synthetic-images-per-subject", "2", "--sample-steps", "2", "--sample-subjects", "1"]
+
+
+def train(*args, cwd=REPO, timeout=600, check=True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "training.train", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_help_documents_every_option_with_its_default():
+    text = train("--help").stdout
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in text, flag
+    assert "(default: 0.001)" in text and "--preset {demo,sd15}" in text
+
+
+def test_demo_run_exports_what_the_nodes_load(tmp_path):
+    result = train(*FAST, "--max-steps", "12", "--log-every", "4", "--output-dir", str(tmp_path))
+    assert "tiny and randomly initialised" in result.stdout or "small and randomly initialised" in result.stdout
+    hypernet, info = load_hypernet(tmp_path / "hypernet.safetensors")
+    assert info.provenance["steps"] == 12 and info.config.features.dim == 32
+    standard, _ = load_subject_lora(tmp_path / "subject_lora.safetensors")
+    compact, layers, _ = expand_compact_subject_lora(tmp_path / "subject_lora.compact.safetensors")
+    assert layers == hypernet.layers
+    assert all(torch.allclose(standard.delta(n), compact.delta(n), atol=1e-7) for n in compact.names)
+    assert (tmp_path / "samples" / "final.png").stat().st_size > 0
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [4, 8, 12] and all(r["loss"] == r["loss"] for r in rows)  # no NaN
+    assert rows[-1]["reg"] > 0  # the hypernetwork moved away from its zero start
+    for path in (tmp_path / "hypernet.safetensors", tmp_path / "samples" / "final.png"):
+        assert str(path) in result.stdout
+
+
+def test_killed_run_resumes_with_the_same_loss_trajectory(tmp_path):
+    args = [*FAST, "--max-steps", "40", "--checkpoint-every", "5", "--log-every", "1", "--sample-subjects", "0"]
+    reference = tmp_path / "reference"
+    train(*args, "--output-dir", str(reference))
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "training.train", *args, "--output-dir", str(killed)], cwd=REPO, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill hard once a checkpoint exists and the run is past it
+        if (killed / "checkpoint.pt").exists() and (killed / "metrics.jsonl").exists() and len(metrics(killed)) >= 12:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    steps_before = len(metrics(killed))
+    assert 12 <= steps_before < 40, "the run must be killed mid-way"
+    train(*args, "--output-dir", str(killed), "--resume")
+    expected, resumed = metrics(reference), metrics(killed)
+    assert [r["step"] for r in resumed] == list(range(1, 41))
+    for a, b in zip(expected, resumed):
+        assert (a["step"], a["loss"], a["reg"]) == (b["step"], b["loss"], b["reg"])
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "training.train", *FAST, "--max-steps", "100000", "--checkpoint-every", "0", "--output-dir", str(tmp_path)],
+                               cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(3)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output[-2000:]
+    assert "continue with --resume" in output
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backbone", "/nonexistent/model.safetensors"], "backbone: checkpoint: file not found"),
+    (["--data", "/nonexistent/folder"], "data: data folder not found"),
+    (["--image-encoder", "/nonexistent/clip.safetensors"], "image encoder: CLIP vision model: file not found"),
+])
+def test_bad_inputs_fail_fast_with_a_clear_message(tmp_path, args, message):
+    started = time.time()
+    result = train(*FAST, "--output-dir", str(tmp_path), *args, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "checkpoint.pt").exists()
+    assert time.time() - started < 120
+
+
+def test_swapped_and_corrupt_files_are_refused(tmp_path):
+    run = tmp_path / "run"
+    train(*FAST, "--max-steps", "1", "--sample-subjects", "0", "--output-dir", str(run))
+    lora = run / "subject_lora.safetensors"
+    result = train(*FAST, "--backbone", str(lora), "--output-dir", str(tmp_path / "a"), check=False)
+    assert "is a LoRA: expected a single-file SD1.5 checkpoint" in result.stderr
+    result = train(*FAST, "--image-encoder", str(lora), "--output-dir", str(tmp_path / "b"), check=False)
+    assert "expected a CLIP vision .safetensors" in result.stderr
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes((run / "hypernet.safetensors").read_bytes()[:100])
+    result = train(*FAST, "--backbone", str(broken), "--output-dir", str(tmp_path / "c"), check=False)
+    assert "corrupt or truncated" in result.stderr or "not a valid safetensors" in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    result = train(*FAST, "--data", str(empty), "--output-dir", str(tmp_path / "d"), check=False)
+    assert "no readable images in" in result.stderr
+    # resuming with another image encoder is refused before training
+    result = train(*FAST, "--max-steps", "2", "--hidden-state", "image_embeds", "--resume", "--output-dir", str(run), check=False)
+    assert "--resume: the checkpoint was trained with another backbone or image encoder" in result.stderr
+
+
+def test_two_process_cpu_run_with_accelerate(tmp_path):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.train", *FAST, "--max-steps", "4",
+               "--log-every", "1", "--sample-subjects", "0", "--output-dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training on 2 process(es)" in result.stdout
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    load_hypernet(tmp_path / "hypernet.safetensors")

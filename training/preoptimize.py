@@ -1,0 +1,91 @@
+"""Pre-optimise one LiDB subject LoRA per subject (HyperDreamBooth's weight-space supervision targets).
+
+    python -m training.preoptimize --config my.yaml --preopt-steps 300 --preopt-dir runs/preopt
+    python -m training.train --config my.yaml --preopt-dir runs/preopt --weight-space-weight 0.1
+
+Each subject's LiDB trainables are optimised directly with the same denoising objective the hypernetwork
+is trained with (same backbone, targets, aux bases and prompts), then written as a compact subject LoRA
+named after the subject id, which is what ``training.train --preopt-dir`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hypernet import LidbBasis, LidbConfig, NoiseSchedule, locate_targets
+from hypernet.files import save_compact_subject_lora
+from hypernet.hypernetwork import HyperNetOutput
+from hypernet.lora import LoraWeights
+
+from .checkpoint import step_generator
+from .config import load_config
+from .inputs import SubjectBatches, open_backbone, open_dataset, open_image_encoder
+from .objective import HypernetObjective
+
+
+class FixedSubject(nn.Module):
+    """Stands in for the hypernetwork: the same trainables for every batch element."""
+
+    def __init__(self, basis: LidbBasis):
+        super().__init__()
+        self.basis = basis
+        self.params = nn.ParameterDict({str(i): nn.Parameter(self._init(layer)) for i, layer in enumerate(basis.layers)})
+
+    def _init(self, layer) -> torch.Tensor:
+        # LoRA's init in LiDB coordinates: zero A_train (up), small random B_train (down)
+        a, b = self.basis.config.layer_dims(layer)
+        r = self.basis.config.rank
+        return torch.cat([torch.zeros(a * r), torch.randn(r * b) / b**0.5])
+
+    def trainables(self) -> dict[str, torch.Tensor]:
+        return {layer.name: self.params[str(i)] for i, layer in enumerate(self.basis.layers)}
+
+    def forward(self, features: torch.Tensor) -> HyperNetOutput:
+        size = features.shape[0]
+        params = {n: p.unsqueeze(0).expand(size, -1) for n, p in self.trainables().items()}
+        return HyperNetOutput(params, self.basis.expand(params))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preopt-steps", type=int, default=300, help="Optimisation steps per subject (default: 300).")
+    parser.add_argument("--preopt-learning-rate", type=float, default=1e-2, help="Adam learning rate on the LiDB numbers (default: 1e-2).")
+    args, rest = parser.parse_known_args(argv)
+    config = load_config(rest)
+    if not config.preopt_dir:
+        raise SystemExit("--preopt-dir is required: where to write the per-subject compact LoRAs")
+    out = Path(config.preopt_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = open_dataset(config, Path(config.output_dir))
+    backbone = open_backbone(config, "cpu" if not torch.cuda.is_available() else "cuda", torch.float32)
+    device = next(backbone.unet.parameters()).device
+    encoder = open_image_encoder(config, device)
+    unet_targets = locate_targets(backbone.unet)
+    text_targets = locate_targets(None, [backbone.text_encoder]) if config.text_encoder_targets else None
+    layers = unet_targets.layers + (text_targets.layers if text_targets is not None else [])
+    basis = LidbBasis(layers, LidbConfig(config.lidb_rank, config.lidb_a, config.lidb_b, config.lidb_seed, False)).to(device)
+    objective = HypernetObjective(backbone, unet_targets, text_targets, config, NoiseSchedule(backbone.noise_scheduler.alphas_cumprod.float()))
+    for subject_index, subject in enumerate(dataset.subjects):
+        torch.manual_seed(config.seed + subject_index)
+        model = FixedSubject(basis).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.preopt_learning_rate)
+        items = [i for i, (s, _) in enumerate(dataset.items) if s == subject_index]
+        for step in range(args.preopt_steps):
+            generator = step_generator(config.seed, step, subject_index)
+            samples = [dataset.get(items[int(torch.randint(len(items), (), generator=generator))], generator) for _ in range(config.batch_size)]
+            batch = SubjectBatches.assemble(samples, encoder, config, device, with_features=False)
+            terms = objective(model, batch, generator)
+            optimizer.zero_grad()
+            terms["loss"].backward()
+            optimizer.step()
+        path = save_compact_subject_lora(out / f"{subject.subject_id}.compact.safetensors", {n: p.detach().cpu() for n, p in model.trainables().items()},
+                                         basis, base_arch=backbone.arch, provenance={"preoptimized_steps": args.preopt_steps})
+        print(f"[{subject_index + 1}/{len(dataset.subjects)}] {subject.subject_id}: final loss {terms['denoise'].item():.4f} -> {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
