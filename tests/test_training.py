@@ -132,7 +132,8 @@ def test_swapped_and_corrupt_files_are_refused(tmp_path):
 
 
 def test_two_process_cpu_run_with_accelerate(tmp_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # accelerate's multi-process launcher (torchrun); on a machine without GPUs the trainer selects gloo on the CPU
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.train", *FAST, "--max-steps", "4",
                "--log-every", "1", "--sample-subjects", "0", "--output-dir", str(tmp_path)]
     result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)

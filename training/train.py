@@ -46,13 +46,16 @@ class TrainResult:
 def run(config: TrainConfig) -> TrainResult:
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
+    # Without a GPU, say so explicitly: accelerate then sets up gloo when launched with several processes.
+    on_cpu = not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum, cpu=on_cpu)
     main_process = accelerator.is_main_process
     output_dir = Path(config.output_dir)
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="[%(name)s] %(message)s")
 
     # -- inputs, all validated before any long work
-    dataset = open_dataset(config, output_dir)
+    with accelerator.main_process_first():  # the synthetic data set is written once
+        dataset = open_dataset(config, output_dir)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
     backbone = open_backbone(config, accelerator.device, weight_dtype)
     encoder = open_image_encoder(config, accelerator.device)
