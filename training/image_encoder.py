@@ -9,6 +9,7 @@ math is re-implemented here over a transformers ``CLIPVisionModelWithProjection`
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ from hypernet.hypernetwork import HIDDEN_STATES, FeatureSpec
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 16, 1664: 16}  # OpenAI / LAION ViT-B, L, H, bigG
+# Heads and activation are not visible in the tensors; these are the CLIP vision families ComfyUI loads.
+KNOWN_WIDTHS = {768: (12, "quick_gelu"), 1024: (16, "quick_gelu"), 1280: (16, "gelu"), 1664: (16, "gelu")}  # ViT-B, L (OpenAI); H, bigG (LAION)
 
 
 class ImageEncoderError(ValueError):
@@ -98,9 +100,11 @@ def as_image_batch(images) -> torch.Tensor:
     return images
 
 
-def _config_from_state_dict(state: dict[str, torch.Tensor]):
+def _config_from_state_dict(state: dict[str, torch.Tensor], metadata: dict[str, str], name: str):
     from transformers import CLIPVisionConfig
 
+    if "config" in metadata:  # files written by save_image_encoder carry their config
+        return CLIPVisionConfig(**json.loads(metadata["config"]))
     prefix = "vision_model."
     layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith(prefix + "encoder.layers."))
     patch = state[prefix + "embeddings.patch_embedding.weight"]
@@ -110,15 +114,21 @@ def _config_from_state_dict(state: dict[str, torch.Tensor]):
     if grid * grid != positions - 1:
         raise ImageEncoderError(f"unexpected position embedding count {positions}")
     projection = state.get("visual_projection.weight")
+    if hidden not in KNOWN_WIDTHS:
+        raise ImageEncoderError(
+            f"{name}: a CLIP vision model of width {hidden} is not a known family (ViT-B/L/H/bigG), so its attention heads "
+            "cannot be read from the file; use a transformers folder with config.json"
+        )
+    heads, activation = KNOWN_WIDTHS[hidden]
     return CLIPVisionConfig(
         hidden_size=hidden,
         intermediate_size=state[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0],
         num_hidden_layers=layers,
-        num_attention_heads=_HEADS_BY_WIDTH.get(hidden, max(1, hidden // 64)),
+        num_attention_heads=heads,
         image_size=grid * patch_size,
         patch_size=patch_size,
         projection_dim=projection.shape[0] if projection is not None else hidden,
-        hidden_act="quick_gelu" if hidden in (768, 1024) else "gelu",  # OpenAI ViT-B/L vs LAION ViT-H/bigG
+        hidden_act=activation,
         layer_norm_eps=1e-5,
     )
 
@@ -139,11 +149,11 @@ def load_image_encoder(spec: str, dtype: torch.dtype = torch.float32, device="cp
             model = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True)
             description = f"CLIP vision {path.name}"
         else:
-            state, _ = read_safetensors(path, "CLIP vision model")
+            state, metadata = read_safetensors(path, "CLIP vision model")
             if "vision_model.embeddings.patch_embedding.weight" not in state:
                 kind = "a checkpoint" if any(k.startswith("model.diffusion_model.") for k in state) else "not a CLIP vision model"
                 raise ImageEncoderError(f"{path.name} is {kind}: expected a CLIP vision .safetensors (ComfyUI models/clip_vision)")
-            config = _config_from_state_dict(state)
+            config = _config_from_state_dict(state, metadata, path.name)
             model = CLIPVisionModelWithProjection(config)
             missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items() if not k.endswith("position_ids")}, strict=False)
             if [m for m in missing if not m.endswith("position_ids")]:
@@ -154,3 +164,11 @@ def load_image_encoder(spec: str, dtype: torch.dtype = torch.float32, device="cp
         model.to(dtype)
     return ImageEncoder(model, model.config.image_size, description)
 
+
+
+def save_image_encoder(encoder: ImageEncoder, path) -> Path:
+    """Write in ComfyUI's models/clip_vision layout, with the config in the metadata for non-standard sizes."""
+    from hypernet.files import write_safetensors_atomic
+
+    state = {k: v for k, v in encoder.model.state_dict().items() if not k.endswith("position_ids")}
+    return write_safetensors_atomic(state, {"config": encoder.model.config.to_json_string(use_diff=True)}, path)

@@ -1,0 +1,147 @@
+"""Training inputs: subject folders, the synthetic world, the image encoder and the backbone loaders."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from training.backbone import BackboneError, load_backbone, tiny_backbone
+from training.data import DataError, SubjectFolderDataset
+from training.image_encoder import ImageEncoderError, load_image_encoder, save_image_encoder
+from training.synthetic import SyntheticWorld, write_synthetic_dataset
+
+
+def write_image(path, size=(40, 30), mode="RGB", colour=(200, 10, 10)):
+    Image.new(mode, size, colour if mode != "L" else 128).save(path)
+
+
+def test_folder_layouts_captions_and_unreadable_files(tmp_path, caplog):
+    write_image(tmp_path / "single.png")  # one subject per top-level image
+    (tmp_path / "dog").mkdir()
+    write_image(tmp_path / "dog" / "a.jpg", (64, 48))
+    write_image(tmp_path / "dog" / "b.png", (50, 50), mode="RGBA", colour=(0, 0, 255, 0))  # transparent -> white
+    write_image(tmp_path / "dog" / "c.webp", (33, 60), mode="L")
+    (tmp_path / "dog" / "a.txt").write_text("a {token} {class_word} on grass")
+    (tmp_path / "dog" / "class.txt").write_text("dog")
+    (tmp_path / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "notes.md").write_text("ignored")
+    with caplog.at_level(logging.WARNING):
+        data = SubjectFolderDataset(tmp_path, 32, class_word="thing", placeholder="sks")
+    assert [s.subject_id for s in data.subjects] == ["dog", "single"]
+    assert len(data.skipped) == 1 and "skipped 1 unreadable" in caplog.text
+    assert len(data) == 4
+    generator = torch.Generator().manual_seed(0)
+    sample = data.get(0, generator)
+    assert sample.pixels.shape == (3, 32, 32) and -1 <= sample.pixels.min() <= sample.pixels.max() <= 1
+    assert sample.caption == "a sks dog on grass" and sample.subject_id == "dog"
+    assert sample.reference.shape[-1] == 3 and sample.reference.dtype == torch.float32
+    assert data.get(1, generator).caption == "a photo of a sks dog"  # template with the class word
+    assert data.get(3, generator).caption == "a photo of a sks thing"
+    rgba = data.reference(0, 1)
+    assert torch.allclose(rgba, torch.ones_like(rgba))  # fully transparent pixels composite onto white
+    gray = data.reference(0, 2)
+    assert gray.shape == (60, 33, 3) and torch.allclose(gray[..., 0], gray[..., 1])
+
+
+def test_augmentation_is_a_function_of_the_generator(tmp_path):
+    write_synthetic_dataset(tmp_path, 3, 2, size=32, seed=1)
+    data = SubjectFolderDataset(tmp_path, 32, flip_prob=0.5)
+    a = [data.get(i, torch.Generator().manual_seed(9)).pixels for i in range(len(data))]
+    b = [data.get(i, torch.Generator().manual_seed(9)).pixels for i in range(len(data))]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    plain = SubjectFolderDataset(tmp_path, 32, flip_prob=0.0).get(0, torch.Generator().manual_seed(0)).pixels
+    outcomes = []
+    for seed in range(16):
+        pixels = data.get(0, torch.Generator().manual_seed(seed)).pixels
+        assert torch.equal(pixels, plain) or torch.equal(pixels, plain.flip(-1))
+        outcomes.append(torch.equal(pixels, plain.flip(-1)))
+    assert 0 < sum(outcomes) < 16  # flip_prob 0.5: both outcomes occur
+
+
+def test_empty_or_missing_folders_are_refused(tmp_path):
+    with pytest.raises(DataError, match="data folder not found"):
+        SubjectFolderDataset(tmp_path / "missing", 32)
+    (tmp_path / "x.jpg").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="no readable images.*1 unreadable"):
+        SubjectFolderDataset(tmp_path, 32)
+
+
+def test_synthetic_world_splits_are_disjoint_and_deterministic(tmp_path):
+    world = SyntheticWorld(seed=3)
+    train, heldout = world.subjects(200, "train"), world.subjects(100, "heldout")
+    assert not {s.id for s in train} & {s.id for s in heldout}
+    assert train == SyntheticWorld(seed=3).subjects(200, "train")
+    import random
+
+    context = world.sample_context(random.Random(0))
+    first = np.asarray(world.render(train[0], context, 64))
+    assert first.shape == (64, 64, 3) and np.array_equal(first, np.asarray(world.render(train[0], context, 64)))
+    assert not np.array_equal(first, np.asarray(world.render(train[1], context, 64)))
+    assert world.caption(context, "sks").startswith("a photo of a sks toy on a ")
+    assert "sks" not in world.caption(context)
+    folder = write_synthetic_dataset(tmp_path, 2, 3, size=48)
+    subject_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
+    assert len(subject_dirs) == 2 and len(list(subject_dirs[0].glob("*.png"))) == 3
+    assert (subject_dirs[0] / "labels.json").exists()
+
+
+def test_image_encoder_shapes_preprocessing_and_errors(tmp_path):
+    encoder = load_image_encoder("tiny")
+    image = torch.rand(2, 50, 80, 3)
+    assert encoder.preprocess(image).shape == (2, 3, 32, 32)
+    assert encoder.features(image, "penultimate_hidden_states").shape == (2, 17, 32)
+    assert encoder.features(image, "image_embeds").shape == (2, 1, 32)
+    mixed = encoder.features([torch.rand(1, 40, 40, 4), torch.rand(1, 90, 30, 3)], "last_hidden_state")
+    assert mixed.shape == (2, 17, 32)
+    spec = encoder.feature_spec("penultimate_hidden_states")
+    assert (spec.dim, spec.tokens, spec.image_size) == (32, 17, 32)
+    # a ComfyUI-format file of the same weights gives the same features
+    path = save_image_encoder(encoder, tmp_path / "clip_vision.safetensors")
+    reloaded = load_image_encoder(str(path))
+    assert torch.allclose(reloaded.features(image, "last_hidden_state"), encoder.features(image, "last_hidden_state"), atol=1e-6)
+    # without a config, a non-standard width cannot be read back faithfully: refused, not guessed
+    save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, tmp_path / "bare.safetensors")
+    with pytest.raises(ImageEncoderError, match="width 32 is not a known family"):
+        load_image_encoder(str(tmp_path / "bare.safetensors"))
+    with pytest.raises(ImageEncoderError, match="expected a CLIP vision"):
+        save_file({"model.diffusion_model.x": torch.zeros(1)}, tmp_path / "ckpt.safetensors")
+        load_image_encoder(str(tmp_path / "ckpt.safetensors"))
+    with pytest.raises(ValueError, match="only .safetensors files"):
+        torch.save({}, tmp_path / "clip.pt")
+        load_image_encoder(str(tmp_path / "clip.pt"))
+
+
+def test_diffusers_folder_round_trip_and_refusals(tmp_path):
+    source = tiny_backbone(seed=4)
+    folder = tmp_path / "model"
+    for name in ("unet", "text_encoder", "vae", "tokenizer", "noise_scheduler"):
+        getattr(source, name).save_pretrained(folder / ("scheduler" if name == "noise_scheduler" else name))
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    loaded = load_backbone(str(folder))
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.unet(x, t, c).sample, source.unet(x, t, c).sample, atol=1e-6)
+    assert loaded.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert not any(p.requires_grad for p in loaded.unet.parameters())
+    with pytest.raises(BackboneError, match="not a complete diffusers model folder"):
+        (tmp_path / "partial" / "unet").mkdir(parents=True)
+        (tmp_path / "partial" / "model_index.json").write_text("{}")
+        load_backbone(str(tmp_path / "partial"))
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"model.diffusion_model.label_emb.0.0.weight": torch.zeros(1), "conditioner.embedders.0.transformer.x": torch.zeros(1)}, "SDXL checkpoint"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1), "cond_stage_model.model.x": torch.zeros(1)}, "SD2.x checkpoint"),
+    ({"lora_unet_x.lora_down.weight": torch.zeros(1)}, "is a LoRA"),
+    ({"vision_model.embeddings.class_embedding": torch.zeros(1)}, "is a CLIP vision model"),
+])
+def test_single_file_refusals_name_what_was_found(tmp_path, keys, message):
+    path = tmp_path / "model.safetensors"
+    save_file(keys, path)
+    with pytest.raises(BackboneError, match=message):
+        load_backbone(str(path))
