@@ -166,7 +166,7 @@ def test_core_lora_loader_on_the_saved_file_equals_the_pack(comfy_run):
 PARITY_CODE = r"""
 import sys, torch, json
 sys.path.append(spec["repo"])
-import comfy.clip_vision, comfy.sd, comfy.samplers, folder_paths
+import comfy.clip_vision, comfy.sd, comfy.samplers, comfy.model_management, folder_paths
 from training.image_encoder import load_image_encoder
 result = {}
 clip_path = folder_paths.get_full_path("clip_vision", "CLIP-ViT-L-14.safetensors")
@@ -216,6 +216,26 @@ hm["subject_term_matters"] = float((expected - guidance.hm_cfg(base_u, base_c, N
 closed = guider_module.make_guider(model, lora, pos, neg, 5.0, 2.0, 0.5, 1.0, subject_positive=subj)  # first step is outside
 hm["gate_closed_equals_cfg"] = float((run(closed) - guidance.hm_cfg(base_u, base_c, None, 5.0, 2.0)).abs().max())
 result["hmcfg"] = hm
+
+# the training package's single-file backbone computes what ComfyUI computes for the same checkpoint
+from training.backbone import load_backbone
+backbone = load_backbone(folder_paths.get_full_path("checkpoints", "v1-5-pruned-emaonly.safetensors"))
+g = torch.Generator().manual_seed(5)
+x, context, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 768, generator=g), torch.tensor([10.0, 700.0])
+comfy.model_management.load_models_gpu([model])
+with torch.no_grad():
+    theirs_unet = model.model.diffusion_model(x, timesteps=t, context=context).float()
+    ours_unet = backbone.unet(x, t, context).sample
+    tokens = clip.tokenize("a photo of a sks toy on a red background")
+    theirs_text = clip.encode_from_tokens(tokens).float()
+    ids = backbone.tokenizer("a photo of a sks toy on a red background", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ours_text = backbone.text_encoder(ids)[0]
+    pixels = torch.rand(1, 64, 64, 3, generator=g)
+    theirs_latent = model.model.process_latent_in(vae.encode(pixels)).float()
+    ours_latent = backbone.encode_images(pixels.permute(0, 3, 1, 2) * 2 - 1)
+result["backbone"] = {"unet": float((ours_unet - theirs_unet).abs().max()), "unet_scale": float(theirs_unet.abs().max()),
+                      "text": float((ours_text - theirs_text).abs().max()), "text_scale": float(theirs_text.abs().max()),
+                      "latent": float((ours_latent - theirs_latent).abs().max()), "latent_scale": float(theirs_latent.abs().max())}
 """ + NODE_SPECS_CODE + """
 result["node_specs"] = node_specs
 """
@@ -264,3 +284,11 @@ def test_hmcfg_guider_equals_the_pure_function_of_three_model_predictions(comfy_
 def test_ui_workflow_describes_the_same_graph_as_its_api_twin(comfy_run, name):
     ui = json.loads((API_DIR.parent / f"{name}.json").read_text())
     assert ui_to_api(ui, comfy_run["report"]["code_result"]["node_specs"]) == strip_meta(load(name))
+
+
+def test_training_backbone_computes_what_comfyui_computes_for_the_same_checkpoint(comfy_run):
+    parity = comfy_run["report"]["code_result"]["backbone"]
+    print("backbone parity (max abs diff / scale):", parity)
+    for part in ("unet", "text", "latent"):
+        assert parity[part] <= 1e-4 * max(1.0, parity[f"{part}_scale"]), parity
+        assert parity[f"{part}_scale"] > 1e-3  # not a comparison of zeros
