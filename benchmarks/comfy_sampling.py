@@ -1,0 +1,153 @@
+"""HM-CFG sampling cost vs the plain KSampler, Predict Subject LoRA latency, and memory over repeated runs,
+measured inside a real ComfyUI (0.3.75, CPU unless a GPU is present), side by side in one process.
+
+    python benchmarks/comfy_sampling.py                                  # smallest SD1.5-shaped checkpoint
+    python benchmarks/comfy_sampling.py --full-sd15 --resolution 256     # full-size SD1.5 UNet, random weights
+
+The 3-prediction HM-CFG needs 1.5x the UNet work of CFG (3 predictions instead of 2); this reports how
+close each implementation gets: 'comfy_hooks' (ComfyUI weight hooks: the subject prediction runs as a
+separate batch with patched weights) and 'batched' (one UNet call, LoRA in activation space, per-sample gate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "scripts")]
+
+from comfyui_support.fixtures import build_model_files  # noqa: E402
+from comfyui_support.harness import run_in_comfyui  # noqa: E402
+from get_comfyui import ensure_comfyui  # noqa: E402
+
+FULL_SD15 = r"""
+import math, sys, torch
+comfy_root, out = sys.argv[1], sys.argv[2]
+sys.path.insert(0, comfy_root)
+import comfy.cli_args; comfy.cli_args.args.cpu = True
+import comfy.ops
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from safetensors.torch import load_file, save_file
+g = torch.Generator().manual_seed(0)
+unet = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=2, channel_mult=[1, 2, 4, 4],
+                 transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1, transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+                 context_dim=768, num_heads=8, use_spatial_transformer=True, use_linear_in_transformer=False, legacy=False,
+                 operations=comfy.ops.disable_weight_init)
+norms = {id(m.weight) for m in unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))}
+state = {}
+for name, p in unet.named_parameters():
+    if id(p) in norms: v = torch.ones(p.shape)
+    elif p.dim() >= 2: v = (torch.rand(p.shape, generator=g) * 2 - 1) / math.sqrt(p[0].numel())
+    else: v = torch.zeros(p.shape)
+    state["model.diffusion_model." + name] = v.half()
+small = load_file(sys.argv[3])  # text encoder and TAESD from the small fixture
+state.update({k: v for k, v in small.items() if not k.startswith("model.diffusion_model.")})
+save_file(state, out)
+"""
+
+CODE = r"""
+import time, statistics, resource, torch, sys
+import nodes as core, comfy.samplers, comfy.model_management
+cfg = spec["bench"]
+model, clip, vae = core.CheckpointLoaderSimple().load_checkpoint(cfg["ckpt"])[:3]
+hypernet = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_LoadHyperNet"]().load(cfg["hypernet"])["result"][0]
+clip_vision = core.CLIPVisionLoader().load_clip(cfg["clip_vision"])[0]
+image = torch.rand(1, 512, 512, 3, generator=torch.Generator().manual_seed(0))
+predict = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_PredictSubjectLora"]()
+predict.predict(hypernet, clip_vision, image, model, 1.0, clip, 1.0)  # warm-up
+t = []
+for _ in range(5):
+    start = time.perf_counter(); model_s, clip_s, lora = predict.predict(hypernet, clip_vision, image, model, 1.0, clip, 1.0); t.append(time.perf_counter() - start)
+predict_s = statistics.median(t)
+encode = lambda c, text: core.CLIPTextEncode().encode(c, text)[0]
+pos, neg, subj = encode(clip, "a photo of a sks toy"), encode(clip, "blurry"), encode(clip_s, "a photo of a sks toy")
+latent = core.EmptyLatentImage().generate(cfg["resolution"], cfg["resolution"], 1)[0]
+steps = cfg["steps"]
+ksampler = core.KSampler()
+hm = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_HMCFGKSampler"]()
+def plain(seed):
+    return ksampler.sample(model, seed, steps, 7.0, "euler", "normal", pos, neg, latent, 1.0)
+def hmcfg(seed, implementation):
+    return hm.sample(seed, steps, "euler", "normal", latent, 1.0, model=model, subject_lora=lora, positive=pos, negative=neg,
+                     cfg_text=7.0, cfg_subject=2.0, subject_start=0.0, subject_end=1.0, subject_positive=subj, implementation=implementation)
+cases = {"plain KSampler (CFG, 2 predictions)": lambda s: plain(s), "HM-CFG comfy_hooks (3 predictions)": lambda s: hmcfg(s, "comfy_hooks"),
+         "HM-CFG batched (3 predictions)": lambda s: hmcfg(s, "batched")}
+for fn in cases.values():
+    fn(0)  # warm-up (loads, hook patch caches)
+times = {k: [] for k in cases}
+for r in range(cfg["repeats"]):
+    for name, fn in cases.items():
+        start = time.perf_counter(); fn(r + 1); times[name].append((time.perf_counter() - start) / steps)
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
+before = rss()
+for i in range(20):
+    hmcfg(100 + i, "comfy_hooks"); hmcfg(200 + i, "batched")
+after = rss()
+result = {"predict_s": predict_s, "per_step_s": {k: statistics.median(v) for k, v in times.items()}, "rss_before_mb": before, "rss_after_mb": after,
+          "device": str(comfy.model_management.get_torch_device())}
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full-sd15", action="store_true", help="full-size SD1.5 UNet (random weights) instead of the smallest SD1.5-shaped one")
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    import subprocess
+
+    import torch
+
+    from hypernet import FeatureSpec, HyperNetConfig, HyperNetwork, LidbConfig, save_hypernet
+    from hypernet.files import read_safetensors  # noqa: F401
+    from training.backbone import load_backbone
+
+    comfy_root = ensure_comfyui()
+    files = build_model_files(comfy_root, REPO / ".cache")
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        (work / "checkpoints").mkdir()
+        ckpt = files["checkpoint"]
+        if args.full_sd15:
+            ckpt = REPO / ".cache" / "bench_full_sd15.safetensors"
+            if not ckpt.exists():
+                subprocess.run([sys.executable, "-c", FULL_SD15, str(comfy_root), str(ckpt), str(files["checkpoint"])], check=True)
+        (work / "checkpoints" / ckpt.name).symlink_to(ckpt)
+        backbone = load_backbone(str(ckpt))
+        from hypernet import locate_targets
+
+        layers = locate_targets(backbone.unet, [backbone.text_encoder]).layers
+        torch.manual_seed(0)
+        config = HyperNetConfig(features=FeatureSpec(dim=1024, tokens=257, encoder="ViT-L/14"), width=256, depth=2, heads=8, iterations=4, lidb=LidbConfig())
+        hypernet = HyperNetwork(config, layers)
+        with torch.no_grad():
+            for p in hypernet.heads.weights:
+                p.normal_(0, 0.02)
+        (work / "hypernets").mkdir()
+        save_hypernet(work / "hypernets" / "bench.safetensors", hypernet, base_arch="sd15")
+        del backbone
+        bench = {"ckpt": ckpt.name, "hypernet": "bench.safetensors", "clip_vision": files["clip_vision"].name, "resolution": args.resolution,
+                 "steps": args.steps, "repeats": args.repeats}
+        code = "spec['bench'] = " + json.dumps(bench) + "\n" + CODE
+        report = run_in_comfyui(comfy_root, work / "run", models={"checkpoints": [work / "checkpoints"], "hypernets": [work / "hypernets"],
+                                                                  "clip_vision": [files["clip_vision"].parent]}, prompts=[], code=code, timeout=7200)
+    if "code_error" in report:
+        raise SystemExit(report["code_error"])
+    result = report["code_result"]
+    plain = result["per_step_s"]["plain KSampler (CFG, 2 predictions)"]
+    print(f"ComfyUI 0.3.75, {'full-size SD1.5 UNet' if args.full_sd15 else 'smallest SD1.5-shaped UNet'} (random), {args.resolution}px, "
+          f"{args.steps} steps x {args.repeats} repeats, device {result['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'sampler':40s} {'s/step':>8s} {'ratio':>7s}")
+    for name, value in result["per_step_s"].items():
+        print(f"{name:40s} {value:8.4f} {value / plain:7.3f}")
+    print(f"Predict Subject LoRA (CLIP vision + hypernet, {len(layers)} layers): {result['predict_s'] * 1000:.0f} ms")
+    print(f"RSS before / after 20 repeated HM-CFG runs of each implementation: {result['rss_before_mb']:.0f} / {result['rss_after_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

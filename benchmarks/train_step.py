@@ -1,0 +1,158 @@
+"""Training-step cost: the hypernetwork objective vs a plain single-LoRA training step, same backbone, one run.
+
+    python benchmarks/train_step.py                       # demo preset (tiny backbone), CPU
+    python benchmarks/train_step.py --backbone sd15-random --resolution 512 --batch-size 4 --mixed-precision bf16 --gradient-checkpointing
+
+Both steps: VAE encode, text encode, UNet forward/backward with LoRA on the same target layers, AdamW step.
+Hypernet step = image-encoder features + hypernetwork forward (s refinement rounds) + a *different* LoRA per
+sample; plain step = one shared rank-r LoRA (peft), as in LoRA DreamBooth. Interleaved repeats, medians.
+Peak memory is each variant's own process (CPU: max RSS; GPU: torch.cuda.max_memory_allocated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def build(args):
+    from hypernet import HyperNetConfig, HyperNetwork, LidbConfig, NoiseSchedule, locate_targets
+    from training.config import PRESETS, TrainConfig
+    from training.image_encoder import load_image_encoder
+    from training.objective import Batch, HypernetObjective
+
+    config = TrainConfig(**{**PRESETS["demo"], "batch_size": args.batch_size, "resolution": args.resolution})
+    if args.backbone == "sd15-random":
+        from training.backbone import Backbone, _scheduler, _tokenizer
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        cfg = REPO / "training" / "configs" / "sd15"
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg / "unet"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(cfg / "text_encoder"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(cfg / "vae"))
+        backbone = Backbone(unet, text, _tokenizer(), vae, _scheduler(), "sd15", 0.18215, "sd15-random")
+        config = TrainConfig(**{**PRESETS["sd15"], "batch_size": args.batch_size, "resolution": args.resolution})
+        encoder = load_image_encoder("tiny")  # encoder cost is small and identical across runs; kept tiny offline
+    else:
+        from training.backbone import load_backbone
+
+        backbone = load_backbone("tiny")
+        encoder = load_image_encoder("tiny")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    for part in (backbone.unet, backbone.text_encoder):
+        part.to(device, dtype).requires_grad_(False)
+    backbone.vae.to(device).requires_grad_(False)
+    encoder.model.to(device)
+    if args.gradient_checkpointing:
+        backbone.unet.enable_gradient_checkpointing()
+        backbone.text_encoder.gradient_checkpointing_enable()
+    unet_targets, text_targets = locate_targets(backbone.unet), locate_targets(None, [backbone.text_encoder])
+    schedule = NoiseSchedule(backbone.noise_scheduler.alphas_cumprod.float())
+    generator = torch.Generator().manual_seed(0)
+    size = args.resolution
+    pixels = (torch.rand(args.batch_size, 3, size, size, generator=generator) * 2 - 1).to(device)
+    references = torch.rand(args.batch_size, size, size, 3, generator=generator)
+    captions = ["a photo of a sks toy on a red background"] * args.batch_size
+    return config, backbone, encoder, unet_targets, text_targets, schedule, pixels, references, captions, device, dtype, Batch, HypernetObjective, HyperNetwork, HyperNetConfig, LidbConfig
+
+
+def run_variant(args) -> dict:
+    (config, backbone, encoder, unet_targets, text_targets, schedule, pixels, references, captions, device, dtype,
+     Batch, HypernetObjective, HyperNetwork, HyperNetConfig, LidbConfig) = build(args)
+    autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
+    if args.variant == "hypernet":
+        layers = unet_targets.layers + text_targets.layers
+        hyper_config = HyperNetConfig(features=encoder.feature_spec(config.hidden_state), width=config.width, depth=config.depth, heads=config.heads,
+                                      iterations=config.iterations, lidb=LidbConfig(config.lidb_rank, config.lidb_a, config.lidb_b))
+        model = HyperNetwork(hyper_config, layers).to(device)
+        objective = HypernetObjective(backbone, unet_targets, text_targets, config, schedule)
+
+        def step(generator):
+            features = encoder.features(references, config.hidden_state).to(device)
+            with autocast:
+                return objective(model, Batch(pixels, features, captions, ["s"] * len(captions)), generator)["loss"]
+    else:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        rank = config.lidb_rank
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), backbone.unet)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), backbone.text_encoder)
+        backbone.unet.to(device)
+        backbone.text_encoder.to(device)
+        model = torch.nn.ModuleList([backbone.unet, backbone.text_encoder])
+        tokenizer = backbone.tokenizer
+
+        def step(generator):
+            with torch.no_grad():
+                latents = backbone.encode_images(pixels)
+            noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+            t = torch.randint(0, 1000, (len(captions),), generator=generator).to(device)
+            ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(device)
+            with autocast:
+                context = backbone.text_encoder(ids)[0]
+                prediction = backbone.unet(schedule.add_noise(latents, noise, t), t, context).sample
+            return (prediction.float() - noise.float()).pow(2).mean()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    times = []
+    for index in range(args.warmup + args.repeats):
+        start = time.perf_counter()
+        loss = step(torch.Generator().manual_seed(index))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if index >= args.warmup:
+            times.append(time.perf_counter() - start)
+    import resource
+
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"variant": args.variant, "median_s": statistics.median(times), "times": times, "peak_mb": peak,
+            "trainable": sum(p.numel() for p in params), "device": device}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", choices=["tiny", "sd15-random"], default="tiny")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--variant", choices=["hypernet", "plain_lora"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+    results = {}
+    base = [a for a in sys.argv[1:]]
+    for variant in ("plain_lora", "hypernet"):  # separate processes: honest peak memory, same machine state
+        out = subprocess.run([sys.executable, __file__, *base, "--variant", variant], capture_output=True, text=True, check=True)
+        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    plain, hyper = results["plain_lora"], results["hypernet"]
+    print(f"backbone {args.backbone}, {args.resolution}px, batch {args.batch_size}, precision {args.mixed_precision}, "
+          f"checkpointing {args.gradient_checkpointing}, device {hyper['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'step':24s} {'median s':>9s} {'peak MB':>9s} {'trainable':>11s}")
+    for name, row in (("plain single LoRA (peft)", plain), ("hypernet, per-sample LoRA", hyper)):
+        print(f"{name:24s} {row['median_s']:9.4f} {row['peak_mb']:9.0f} {row['trainable']:11,d}")
+    print(f"ratio hypernet / plain: time {hyper['median_s'] / plain['median_s']:.3f}x, peak memory {hyper['peak_mb'] / plain['peak_mb']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
