@@ -82,8 +82,8 @@ def run_variant(args) -> dict:
 
         def step(generator):
             features = encoder.features(references, config.hidden_state).to(device)
-            with autocast:
-                return objective(model, Batch(pixels, features, captions, ["s"] * len(captions)), generator)["loss"]
+            with autocast, objective.step(model, Batch(pixels, features, captions, ["s"] * len(captions)), generator) as terms:
+                terms["loss"].backward()
     else:
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -104,16 +104,15 @@ def run_variant(args) -> dict:
             with autocast:
                 context = backbone.text_encoder(ids)[0]
                 prediction = backbone.unet(schedule.add_noise(latents, noise, t), t, context).sample
-            return (prediction.float() - noise.float()).pow(2).mean()
+            (prediction.float() - noise.float()).pow(2).mean().backward()
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     times = []
     for index in range(args.warmup + args.repeats):
         start = time.perf_counter()
-        loss = step(torch.Generator().manual_seed(index))
         optimizer.zero_grad()
-        loss.backward()
+        step(torch.Generator().manual_seed(index))
         optimizer.step()
         if device == "cuda":
             torch.cuda.synchronize()

@@ -41,10 +41,10 @@ REFERENCE_CONTEXT = Context("white", "in the center", "large")
 @dataclass
 class Plan:
     sizes: Sizes
-    reader_steps: int = 2500
+    reader_steps: int = 1500
     train_subjects: int = 400
     images_per_subject: int = 4
-    hypernet_steps: int = 1200
+    hypernet_steps: int = 1000
     eval_subjects: int = 12
     eval_contexts: int = 4
     seeds: tuple = (0, 1)

@@ -40,9 +40,9 @@ class Sizes:
     """Model sizes and step counts; ``quick`` shrinks everything for a pipeline check."""
 
     resolution: int = 64
-    vae_steps: int = 1500
-    clip_steps: int = 1500
-    unet_steps: int = 4000
+    vae_steps: int = 1000
+    clip_steps: int = 1200
+    unet_steps: int = 3000
     batch: int = 16
     clip_batch: int = 32  # contrastive learning needs in-batch negatives
     vae_channels: tuple = (16, 32, 32)

@@ -107,3 +107,5 @@ def bad_hypernets(comfy_models, trained_hypernet) -> dict[str, str]:
     data = trained_hypernet.read_bytes()
     (folder / "truncated.safetensors").write_bytes(data[: len(data) // 3])
     return {"model": "for_another_model.safetensors", "encoder": "for_vit_h.safetensors", "corrupt": "truncated.safetensors"}
+
+pytest_plugins = ["comfyui_support.pytest_fixtures"]

@@ -85,9 +85,8 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "training.train", *FAST, "--max-steps", "100000", "--checkpoint-every", "0", "--output-dir", str(tmp_path)],
                                cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    while not (tmp_path / "config.json").exists() and time.time() < deadline:
+    while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:  # inside the training loop
         time.sleep(0.1)
-    time.sleep(3)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output[-2000:]
@@ -142,3 +141,21 @@ def test_two_process_cpu_run_with_accelerate(tmp_path):
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     load_hypernet(tmp_path / "hypernet.safetensors")
+
+
+@pytest.mark.parametrize("options", [
+    # the tuning-encoder option, learned aux bases, accumulation and checkpointing together
+    ["--token-embedding", "--nn-weight", "0.1", "--learned-aux", "--grad-accum", "2", "--gradient-checkpointing", "--iterations", "1"],
+    # plain rank-r factors, UNet-only targets, bf16 compute on the CPU, penalty on the raw numbers
+    ["--output", "lora", "--lora-rank", "2", "--text-encoder-targets", "false", "--mixed-precision", "bf16", "--reg-target", "params"],
+])
+def test_objective_and_engineering_options_train(tmp_path, options):
+    train(*FAST, "--max-steps", "3", "--log-every", "1", "--sample-subjects", "0", "--output-dir", str(tmp_path), *options)
+    rows = metrics(tmp_path)
+    assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows)
+    hypernet, info = load_hypernet(tmp_path / "hypernet.safetensors")
+    if "--token-embedding" in options:
+        assert "nn" in rows[-1] and info.config.token_embedding_dim == 32 and info.config.lidb.learned_aux
+        assert not (tmp_path / "subject_lora.compact.safetensors").exists()  # learned aux: standard form only
+    else:
+        assert info.config.output == "lora" and not any("_text_model_" in l.name for l in info.layers)

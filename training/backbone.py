@@ -113,6 +113,20 @@ def tiny_backbone(seed: int = 0) -> Backbone:
     return Backbone(unet, text_encoder, _tokenizer(), vae, _scheduler(), "sd15-tiny", SD15_SCALING, "tiny")
 
 
+def toy_backbone() -> Backbone:
+    """The toy world's pretrained base model (experiments/study.py), shipped in training/toy_model."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from .toy_model import TOY_DIR, load_toy_text_encoder, toy_available
+
+    if not toy_available():
+        raise BackboneError(f"the toy model is not in {TOY_DIR}; create it with python -m experiments.study")
+    unet = UNet2DConditionModel.from_pretrained(TOY_DIR / "unet", local_files_only=True).float()
+    vae = AutoencoderKL.from_pretrained(TOY_DIR / "vae", local_files_only=True).float()
+    scheduler = DDPMScheduler.from_pretrained(TOY_DIR / "scheduler", local_files_only=True)
+    return Backbone(unet, load_toy_text_encoder(), _tokenizer(), vae, scheduler, "sd15-toy", vae.config.scaling_factor, "toy", vae_scale_factor=4)
+
+
 def _from_diffusers_folder(path: Path) -> Backbone:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -129,7 +143,8 @@ def _from_diffusers_folder(path: Path) -> Backbone:
     except (OSError, ValueError) as error:
         raise BackboneError(f"could not load the diffusers folder {path}: {error}") from error
     _check_supported(unet.config.cross_attention_dim, getattr(unet.config, "addition_embed_type", None), getattr(scheduler.config, "prediction_type", "epsilon"), str(path))
-    return Backbone(unet, text_encoder, tokenizer, vae, scheduler, "sd15", vae.config.scaling_factor, str(path))
+    return Backbone(unet, text_encoder, tokenizer, vae, scheduler, "sd15", vae.config.scaling_factor, str(path),
+                    vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
 
 
 def _check_supported(context_dim, addition_embed_type, prediction_type, where: str) -> None:
@@ -266,9 +281,11 @@ def _load_exact(model: nn.Module, state: dict, what: str) -> None:
 
 
 def load_backbone(spec: str, *, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0) -> Backbone:
-    """The frozen backbone named by ``spec`` (a preset, a diffusers folder or a .safetensors file)."""
+    """The frozen backbone named by ``spec`` (preset 'tiny' or 'toy', a diffusers folder or a .safetensors file)."""
     if spec == "tiny":
         backbone = tiny_backbone(seed)
+    elif spec == "toy":
+        backbone = toy_backbone()
     else:
         path = Path(spec)
         if path.is_dir():
@@ -278,7 +295,7 @@ def load_backbone(spec: str, *, dtype: torch.dtype = torch.float32, device="cpu"
         elif path.exists() or path.suffix:
             backbone = _from_single_file(path, dtype)
         else:
-            raise BackboneError(f"backbone {spec!r}: not a preset ('tiny'), a folder or a file")
+            raise BackboneError(f"backbone {spec!r}: not a preset ('tiny', 'toy'), a folder or a file")
     for model in (backbone.unet, backbone.text_encoder, backbone.vae):
         model.to(device).eval().requires_grad_(False)
     if dtype != torch.float32:  # the VAE stays float32: it overflows in fp16 and runs once per batch

@@ -134,13 +134,20 @@ def _config_from_state_dict(state: dict[str, torch.Tensor], metadata: dict[str, 
 
 
 def load_image_encoder(spec: str, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0) -> ImageEncoder:
-    """``'tiny'``, a transformers folder, or a ComfyUI ``models/clip_vision`` .safetensors file."""
+    """``'tiny'``, ``'toy'``, a transformers folder, or a ComfyUI ``models/clip_vision`` .safetensors file."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     if spec == "tiny":
         torch.manual_seed(seed)
         config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
         model, description = CLIPVisionModelWithProjection(config), "tiny random CLIP vision (demo)"
+    elif spec == "toy":
+        from .toy_model import TOY_DIR, toy_available
+
+        if not toy_available():
+            raise ImageEncoderError(f"the toy image encoder is not in {TOY_DIR}; create it with python -m experiments.study")
+        model = CLIPVisionModelWithProjection.from_pretrained(TOY_DIR / "image_encoder", local_files_only=True).float()
+        description = "toy-world CLIP vision (experiments/study.py)"
     else:
         path = Path(spec)
         if path.is_dir():

@@ -7,8 +7,9 @@ LoRA applied, plus the L2 penalty on the hypernetwork output and the optional ex
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -66,7 +67,14 @@ class HypernetObjective:
         tokenizer = self.backbone.tokenizer
         return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
 
-    def __call__(self, hypernet: HyperNetwork, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    @contextmanager
+    def step(self, hypernet: HyperNetwork, batch: Batch, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+        """Loss terms of one batch; run backward inside the block. The LoRA hooks stay attached until the
+        block ends, because gradient checkpointing re-runs the forward pass during backward."""
+        with ExitStack() as hooks:
+            yield self._terms(hypernet, batch, generator, hooks)
+
+    def _terms(self, hypernet: HyperNetwork, batch: Batch, generator: torch.Generator, hooks: ExitStack) -> dict[str, torch.Tensor]:
         backbone, config = self.backbone, self.config
         device = batch.pixels.device
         out = hypernet(batch.features)
@@ -80,16 +88,15 @@ class HypernetObjective:
         captions = ["" if drop else caption for caption, drop in zip(batch.captions, dropped.tolist())]
         ids = self.tokenize(captions, device)
 
-        with ExitStack() as stack:
-            if not self.text_modules and self.embedding_override is None:
-                stack.enter_context(torch.no_grad())  # nothing to learn in the text encoder
-            if self.text_modules:
-                stack.enter_context(attach_lora(self.text_modules, split_lora(out.lora, self.text_modules)))
-            if self.embedding_override is not None:
-                stack.callback(self.embedding_override.attach(out.token_embedding).remove)
+        if self.text_modules:
+            hooks.enter_context(attach_lora(self.text_modules, split_lora(out.lora, self.text_modules)))
+        if self.embedding_override is not None:
+            hooks.callback(self.embedding_override.attach(out.token_embedding).remove)
+        learn_text = bool(self.text_modules) or self.embedding_override is not None
+        with torch.set_grad_enabled(learn_text and torch.is_grad_enabled()):  # nothing to learn in a plain text encoder
             context = backbone.text_encoder(ids)[0]
-        with attach_lora(self.unet_modules, split_lora(out.lora, self.unet_modules)):
-            prediction = backbone.unet(noisy, timesteps, context).sample
+        hooks.enter_context(attach_lora(self.unet_modules, split_lora(out.lora, self.unet_modules)))
+        prediction = backbone.unet(noisy, timesteps, context).sample
 
         denoise = denoising_loss(prediction, noise).mean()
         reg = (delta_w_l2(out.lora) if config.reg_target == "delta_w" else params_l2(out.params)).mean()

@@ -78,9 +78,9 @@ def main(argv=None) -> None:
             generator = step_generator(config.seed, step, subject_index)
             samples = [dataset.get(items[int(torch.randint(len(items), (), generator=generator))], generator) for _ in range(config.batch_size)]
             batch = SubjectBatches.assemble(samples, encoder, config, device, with_features=False)
-            terms = objective(model, batch, generator)
             optimizer.zero_grad()
-            terms["loss"].backward()
+            with objective.step(model, batch, generator) as terms:
+                terms["loss"].backward()
             optimizer.step()
         path = save_compact_subject_lora(out / f"{subject.subject_id}.compact.safetensors", {n: p.detach().cpu() for n, p in model.trainables().items()},
                                          basis, base_arch=backbone.arch, provenance={"preoptimized_steps": args.preopt_steps})

@@ -99,6 +99,7 @@ def run(config: TrainConfig) -> TrainResult:
     objective = HypernetObjective(backbone, unet_targets, text_targets, config, schedule, preopt=load_preopt(config, layers))
     batches = SubjectBatches(dataset, encoder, config, accelerator.num_processes, accelerator.process_index, accelerator.device)
     metrics_path = output_dir / "metrics.jsonl"
+    board = open_tensorboard(config, output_dir) if main_process else None
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -116,8 +117,7 @@ def run(config: TrainConfig) -> TrainResult:
                 generator = step_generator(config.seed, index, accelerator.process_index)
                 torch.manual_seed(generator.initial_seed())  # dropout etc. in the hypernetwork
                 batch = batches.get(index, generator)
-                with accelerator.accumulate(hypernet), accelerator.autocast():
-                    terms = objective(hypernet, batch, generator)
+                with accelerator.accumulate(hypernet), accelerator.autocast(), objective.step(hypernet, batch, generator) as terms:
                     accelerator.backward(terms["loss"])
                     if accelerator.sync_gradients and config.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(hypernet.parameters(), config.max_grad_norm)
@@ -136,6 +136,9 @@ def run(config: TrainConfig) -> TrainResult:
                 progress.set_postfix(loss=f"{totals['loss']:.4f}", reg=f"{totals['reg']:.3g}", img_s=f"{throughput:.1f}")
                 if step % config.log_every == 0 or step == config.max_steps:
                     write_metrics(metrics_path, {"step": step, **{k: round(v, 7) for k, v in totals.items()}, "lr": scheduler.get_last_lr()[0], "images_per_s": round(throughput, 3)})
+                    if board is not None:
+                        for key, value in {**totals, "images_per_s": throughput}.items():
+                            board.add_scalar(f"train/{key}", value, step)
                     last_time, images_seen = now, 0
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     save_training_state(output_dir, accelerator, hypernet, optimizer, scheduler, step, layers, feature_spec, config)
@@ -148,6 +151,8 @@ def run(config: TrainConfig) -> TrainResult:
         raise SystemExit(130)
     finally:
         progress.close()
+        if board is not None:
+            board.close()
 
     # -- export
     accelerator.wait_for_everyone()
@@ -173,6 +178,16 @@ def run(config: TrainConfig) -> TrainResult:
           + (f"sample grid (reference | base | personalised | HM-CFG): {grid_path}\n" if grid_path else "")
           + f"metrics: {metrics_path}", flush=True)
     return TrainResult(hypernet_path, subject_path, compact_path, grid_path, metrics_path, config.max_steps)
+
+
+def open_tensorboard(config: TrainConfig, output_dir: Path):
+    if not config.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SystemExit("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(output_dir / "tensorboard"))
 
 
 def json_layers(raw):
@@ -227,7 +242,11 @@ def make_progress(config: TrainConfig, start: int, enabled: bool):
 
 
 def main(argv=None) -> None:
-    run(load_config(argv))
+    try:
+        run(load_config(argv))
+    except KeyboardInterrupt:  # before the loop started: nothing to save
+        print("\ninterrupted before training started", flush=True)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

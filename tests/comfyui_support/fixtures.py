@@ -11,6 +11,7 @@ package would shadow ComfyUI's ``nodes.py`` otherwise) and cached by a version k
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,17 +73,54 @@ print("ok")
 """
 
 
-def build_model_files(comfy_root: Path, cache_dir: Path, seed: int = 0) -> dict[str, Path]:
-    """``{'checkpoint': path, 'clip_vision': path}``, generated once per cache dir."""
-    out = cache_dir / f"comfyui-fixtures-{FIXTURE_VERSION}-seed{seed}"
-    files = {"checkpoint": out / CHECKPOINT_NAME, "clip_vision": out / CLIP_VISION_NAME}
-    marker = out / ".complete"
-    if marker.exists() and all(p.exists() for p in files.values()):
-        return files
-    out.mkdir(parents=True, exist_ok=True)
+def write_model_files(folder: Path, comfy_root: Path, seed: int = 0) -> dict[str, Path]:
+    """Write both files into ``folder`` (deterministic from ``seed``): ``{'checkpoint': path, 'clip_vision': path}``.
+
+    Example: ``write_model_files(tmp_path, comfy_root)["checkpoint"]`` -> ``tmp_path/tiny_sd15.safetensors``.
+    Takes ~30 s on 2 cores (ViT-L and CLIP-L are ~430M random values); prefer :func:`build_model_files`.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     script = _SCRIPT.replace("CHECKPOINT", CHECKPOINT_NAME).replace("CLIP_VISION", CLIP_VISION_NAME)
-    result = subprocess.run([sys.executable, "-c", script, str(comfy_root), str(out), str(seed)], capture_output=True, text=True, timeout=900)
+    # a subprocess with ComfyUI's root first on sys.path, and no PYTHONPATH pointing at the repo
+    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script, str(Path(comfy_root).resolve()), str(folder.resolve()), str(seed)],
+                            capture_output=True, text=True, timeout=900, env=env, cwd=str(folder))
     if result.returncode != 0:
         raise RuntimeError(f"building ComfyUI fixtures failed:\n{result.stderr[-4000:]}")
+    return {"checkpoint": folder / CHECKPOINT_NAME, "clip_vision": folder / CLIP_VISION_NAME}
+
+
+def build_model_files(comfy_root: Path, cache_dir: Path, seed: int = 0) -> dict[str, Path]:
+    """:func:`write_model_files` once per ``cache_dir``/version/seed; later calls return the cached files.
+
+    Example: ``build_model_files(comfy_root, repo / ".cache")["clip_vision"]``.
+    """
+    out = Path(cache_dir) / f"comfyui-fixtures-{FIXTURE_VERSION}-seed{seed}"
+    files = {"checkpoint": out / CHECKPOINT_NAME, "clip_vision": out / CLIP_VISION_NAME}
+    marker = out / ".complete"  # written last: an interrupted build is redone
+    if marker.exists() and all(p.exists() for p in files.values()):
+        return files
+    marker.unlink(missing_ok=True)
+    write_model_files(out, comfy_root, seed)
     marker.write_text("ok\n")
     return files
+
+
+def layout_models(root: Path, files: dict[str, Path]) -> dict[str, list[Path]]:
+    """Model folders as a user has them (links to ``files``), ready for ``run_prompts(models=...)``.
+
+    ``root/checkpoints/tiny_sd15.safetensors``, ``root/clip_vision/clip_vision_vit_l14.safetensors`` and empty
+    ``loras``, ``hypernets``; returns ``{folder_name: [folder]}``.
+    Example: ``layout_models(tmp_path / "models", build_model_files(root, cache))["checkpoints"]``.
+    """
+    root = Path(root)
+    folders = {}
+    for folder, key in (("checkpoints", "checkpoint"), ("clip_vision", "clip_vision"), ("loras", None), ("hypernets", None)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        if key:
+            link = root / folder / files[key].name
+            if not link.exists():
+                link.symlink_to(Path(files[key]).resolve())
+        folders[folder] = [root / folder]
+    return folders
