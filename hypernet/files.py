@@ -66,19 +66,24 @@ def read_safetensors(path: str | os.PathLike, what: str, *, load_tensors: bool =
     return tensors, metadata
 
 
-def write_safetensors_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike) -> Path:
-    """Write to a temporary file beside ``path`` and rename it into place."""
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(temporary_path)`` on a file beside ``path``, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary, metadata=metadata)
+        write(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_safetensors_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike) -> Path:
+    """A safetensors file written atomically (never half-written under its final name)."""
+    return atomic_write(path, lambda temporary: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary, metadata=metadata))
 
 
 def file_sha256(path: str | os.PathLike) -> str:

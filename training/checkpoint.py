@@ -8,26 +8,17 @@ All randomness is derived from (seed, step, process), so nothing else is needed 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from hypernet.files import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def save_checkpoint(output_dir: str | os.PathLike, state: dict) -> Path:
-    path = Path(output_dir) / CHECKPOINT_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".checkpoint.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(state, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(Path(output_dir) / CHECKPOINT_NAME, lambda temporary: torch.save(state, temporary))
 
 
 def load_checkpoint(output_dir: str | os.PathLike) -> dict:
