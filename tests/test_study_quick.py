@@ -15,7 +15,7 @@ def test_quick_study_runs_every_stage_and_writes_its_report(tmp_path):
                             cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = (docs / "study_quick.md").read_text()
-    for method in ("base model", "hypernet (L2 reg)", "hypernet (no reg)", "HM-CFG s=2", "hypernet + finetune 4", "LoRA from scratch 8"):
+    for method in ("base model", "hypernet (L2 reg)", "hypernet (no reg)", "hypernet + HM-CFG s=2", "hypernet + finetune 4", "LoRA from scratch 8"):
         assert f"| {method}" in report, method
     results = json.loads((tmp_path / "study" / "results.json").read_text())
     summary = results["results"]["summary"]
