@@ -18,7 +18,9 @@ import uuid
 def main(spec_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     # ComfyUI's root first: its `nodes`, `utils`, `execution` must win over anything of the same name.
-    sys.path[:] = [spec["comfy_root"]] + [p for p in sys.path if p not in ("", ".", spec["comfy_root"], spec["repo"])]
+    # (this file's folder is dropped too: a helper module there must never shadow one of ComfyUI's)
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [spec["comfy_root"]] + [p for p in sys.path if p not in ("", ".", here, spec["comfy_root"], spec["repo"])]
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True  # before anything imports comfy.model_management
