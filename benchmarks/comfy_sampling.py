@@ -84,7 +84,7 @@ for r in range(cfg["repeats"]):
         start = time.perf_counter(); fn(r + 1); times[name].append((time.perf_counter() - start) / steps)
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
 before = rss()
-for i in range(20):
+for i in range(cfg["memory_runs"]):
     hmcfg(100 + i, "comfy_hooks"); hmcfg(200 + i, "batched")
 after = rss()
 result = {"predict_s": predict_s, "per_step_s": {k: statistics.median(v) for k, v in times.items()}, "rss_before_mb": before, "rss_after_mb": after,
@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-runs", type=int, default=20, help="repeated HM-CFG runs of each implementation for the memory-growth check")
+    parser.add_argument("--json", help="also write the numbers to this JSON file (benchmarks/sd15.py reads it)")
     args = parser.parse_args()
     import subprocess
 
@@ -132,7 +134,7 @@ def main() -> None:
         save_hypernet(work / "hypernets" / "bench.safetensors", hypernet, base_arch="sd15")
         del backbone
         bench = {"ckpt": ckpt.name, "hypernet": "bench.safetensors", "clip_vision": files["clip_vision"].name, "resolution": args.resolution,
-                 "steps": args.steps, "repeats": args.repeats}
+                 "steps": args.steps, "repeats": args.repeats, "memory_runs": args.memory_runs}
         code = "spec['bench'] = " + json.dumps(bench) + "\n" + CODE
         report = run_in_comfyui(comfy_root, work / "run", models={"checkpoints": [work / "checkpoints"], "hypernets": [work / "hypernets"],
                                                                   "clip_vision": [files["clip_vision"].parent]}, prompts=[], code=code, timeout=7200)
@@ -146,7 +148,9 @@ def main() -> None:
     for name, value in result["per_step_s"].items():
         print(f"{name:40s} {value:8.4f} {value / plain:7.3f}")
     print(f"Predict Subject LoRA (CLIP vision + hypernet, {len(layers)} layers): {result['predict_s'] * 1000:.0f} ms")
-    print(f"RSS before / after 20 repeated HM-CFG runs of each implementation: {result['rss_before_mb']:.0f} / {result['rss_after_mb']:.0f} MB")
+    print(f"RSS before / after {args.memory_runs} repeated HM-CFG runs of each implementation: {result['rss_before_mb']:.0f} / {result['rss_after_mb']:.0f} MB")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**result, "resolution": args.resolution, "full_sd15": args.full_sd15, "layers": len(layers)}, indent=1))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Sizes: the hypernetwork file (width 512, depth 2, 4 rounds), the compact and the
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
 import sys
@@ -40,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--measure-steps", type=int, default=3)
+    parser.add_argument("--json", help="also write the numbers to this JSON file (benchmarks/sd15.py reads it)")
     args = parser.parse_args()
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -118,6 +120,10 @@ def main() -> None:
     print(f"extra resident memory: prediction {rows[0][3]:.0f} MB; finetune (peak) {train_mb:.0f} MB over the loaded models")
     for name, size in sizes.items():
         print(f"{name:40s} {size:>12,d} bytes")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"resolution": args.resolution, "seconds": {name: seconds for name, seconds, _, _ in rows},
+                                               "how": {name: how for name, _, how, _ in rows}, "prediction_mb": rows[0][3],
+                                               "finetune_peak_mb": train_mb, "sizes": sizes, "layers": len(bound.layers)}, indent=1))
 
 
 if __name__ == "__main__":

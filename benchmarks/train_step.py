@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", help="also write the numbers to this JSON file (benchmarks/sd15.py reads it)")
     parser.add_argument("--variant", choices=["hypernet", "plain_lora"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -141,6 +142,9 @@ def main() -> None:
         return
     results = {}
     base = [a for a in sys.argv[1:]]
+    if args.json:  # the children print their row; only this process writes the file
+        index = base.index("--json")
+        del base[index:index + 2]
     for variant in ("plain_lora", "hypernet"):  # separate processes: honest peak memory, same machine state
         out = subprocess.run([sys.executable, __file__, *base, "--variant", variant], capture_output=True, text=True, check=True)
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -151,6 +155,8 @@ def main() -> None:
     for name, row in (("plain single LoRA (peft)", plain), ("hypernet, per-sample LoRA", hyper)):
         print(f"{name:24s} {row['median_s']:9.4f} {row['peak_mb']:9.0f} {row['trainable']:11,d}")
     print(f"ratio hypernet / plain: time {hyper['median_s'] / plain['median_s']:.3f}x, peak memory {hyper['peak_mb'] / plain['peak_mb']:.3f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"plain_lora": plain, "hypernet": hyper, "resolution": args.resolution, "batch_size": args.batch_size}, indent=1))
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def train_vae(stream: RenderStream, sizes: Sizes):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 500 == 0 or step == sizes.vae_steps - 1:
+        if step % 100 == 0 or step == sizes.vae_steps - 1:
             _log(f"vae step {step + 1}/{sizes.vae_steps} mse {loss.item():.4f} ({time.time() - start:.0f}s)")
     with torch.no_grad():
         latents = torch.cat([vae.encode(stream.batch(sizes.batch)[0]).latent_dist.mode() for _ in range(4)])
@@ -119,7 +119,7 @@ def train_clip(stream: RenderStream, sizes: Sizes):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 500 == 0 or step == sizes.clip_steps - 1:
+        if step % 100 == 0 or step == sizes.clip_steps - 1:
             _log(f"clip step {step + 1}/{sizes.clip_steps} contrastive loss {loss.item():.3f} ({time.time() - start:.0f}s)")
     return model.eval().requires_grad_(False), tokenizer
 
@@ -173,7 +173,7 @@ def train_base_unet(stream: RenderStream, vae, text_encoder, tokenizer, sizes: S
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         lr.step()
-        if step % 500 == 0 or step == sizes.unet_steps - 1:
+        if step % 100 == 0 or step == sizes.unet_steps - 1:
             _log(f"base unet step {step + 1}/{sizes.unet_steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
     return unet.eval().requires_grad_(False), scheduler
 

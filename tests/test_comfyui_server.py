@@ -58,6 +58,15 @@ def test_server_runs_a_workflow_reports_errors_and_keeps_serving(server):
     assert info["SubjectHyperNet_PredictSubjectLora"]["display_name"] == "Predict Subject LoRA"
 
 
+def test_template_browser_lists_and_serves_the_shipped_workflows(server):
+    # ComfyUI's convention: <pack>/workflows/*.json (or example_workflows/) are listed in the template browser
+    listed = server.get("/workflow_templates")
+    assert sorted(listed["comfyui-subject-hypernet"]) == sorted(WORKFLOWS)
+    for name in WORKFLOWS:
+        served = server.get(f"/api/workflow_templates/comfyui-subject-hypernet/{name}.json")
+        assert served == json.loads((WORKFLOW_DIR / f"{name}.json").read_text())
+
+
 @pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_ui_workflows_open_in_the_real_front_end_without_missing_nodes(server, tmp_path):
     server.post("/settings/Comfy.TutorialCompleted", True)  # no first-run template browser over the graph
