@@ -1,6 +1,6 @@
 """Training-step cost: the hypernetwork objective vs a plain single-LoRA training step, same backbone, one run.
 
-    python benchmarks/train_step.py                       # demo preset (tiny backbone), CPU
+    python benchmarks/train_step.py                       # tiny preset (tiny random backbone), CPU
     python benchmarks/train_step.py --backbone sd15-random --resolution 512 --batch-size 4 --mixed-precision bf16 --gradient-checkpointing
 
 Both steps: VAE encode, text encode, UNet forward/backward with LoRA on the same target layers, AdamW step.
@@ -31,7 +31,7 @@ def build(args):
     from training.image_encoder import load_image_encoder
     from training.objective import Batch, HypernetObjective
 
-    config = TrainConfig(**{**PRESETS["demo"], "batch_size": args.batch_size, "resolution": args.resolution})
+    config = TrainConfig(**{**PRESETS["tiny"], "batch_size": args.batch_size, "resolution": args.resolution})
     if args.backbone == "sd15-random":
         from training.backbone import Backbone, _scheduler, _tokenizer
         from diffusers import AutoencoderKL, UNet2DConditionModel

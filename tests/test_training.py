@@ -19,7 +19,7 @@ from training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-FAST = ["--preset", "demo", "--synthetic-subjects", "6", "--synthetic-images-per-subject", "2", "--sample-steps", "2", "--sample-subjects", "1"]
+FAST = ["--preset", "tiny", "--synthetic-subjects", "6", "--synthetic-images-per-subject", "2", "--sample-steps", "2", "--sample-subjects", "1"]
 
 
 def train(*args, cwd=REPO, timeout=600, check=True) -> subprocess.CompletedProcess:
@@ -38,7 +38,7 @@ def test_help_documents_every_option_with_its_default():
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         assert flag in text, flag
-    assert "(default: 0.001)" in text and "--preset {demo,sd15}" in text
+    assert "(default: 0.001)" in text and "--preset {demo,sd15,tiny}" in text
 
 
 def test_demo_run_exports_what_the_nodes_load(tmp_path):
@@ -56,6 +56,15 @@ def test_demo_run_exports_what_the_nodes_load(tmp_path):
     assert rows[-1]["reg"] > 0  # the hypernetwork moved away from its zero start
     for path in (tmp_path / "hypernet.safetensors", tmp_path / "samples" / "final.png"):
         assert str(path) in result.stdout
+
+
+def test_demo_preset_trains_on_the_shipped_pretrained_toy_model(tmp_path):
+    result = train("--preset", "demo", "--max-steps", "3", "--log-every", "1", "--synthetic-subjects", "3", "--synthetic-images-per-subject", "2",
+                   "--sample-subjects", "1", "--sample-steps", "2", "--output-dir", str(tmp_path))
+    assert "toy-world model" in result.stdout
+    _, info = load_hypernet(tmp_path / "hypernet.safetensors")
+    assert info.config.features.encoder.startswith("toy-world CLIP vision") and info.config.width == 128
+    assert info.provenance["backbone"] == "toy" and (tmp_path / "samples" / "final.png").stat().st_size > 0
 
 
 def test_killed_run_resumes_with_the_same_loss_trajectory(tmp_path):

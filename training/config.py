@@ -81,12 +81,20 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+DEMO_STEPS = 600
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~3 minutes on a 2-core CPU: tiny random backbone and encoder, synthetic subjects.
+    # ~3 minutes on a 2-core CPU: the toy-world base model and image encoder pretrained by experiments.study
+    # (shipped in training/toy_model/), synthetic subjects of the same world, the study's hypernetwork size.
     "demo": dict(
+        backbone="toy", image_encoder="toy", data="synthetic", synthetic_subjects=200, synthetic_images_per_subject=4,
+        resolution=64, width=128, depth=2, heads=4, iterations=2, lidb_a=32, lidb_b=16, batch_size=8, learning_rate=1e-3,
+        prompt_dropout=0.1, flip_prob=0.0, max_steps=DEMO_STEPS, log_every=25, checkpoint_every=200, sample_steps=20, output_dir="runs/demo",
+    ),
+    # Pipeline check in about a minute: tiny random backbone and encoder (the tests use it).
+    "tiny": dict(
         backbone="tiny", image_encoder="tiny", data="synthetic", synthetic_subjects=24, synthetic_images_per_subject=3,
         resolution=64, width=64, depth=2, heads=4, iterations=2, lidb_a=16, lidb_b=16, batch_size=4, learning_rate=1e-3,
-        max_steps=150, log_every=10, checkpoint_every=50, sample_steps=10, output_dir="runs/demo",
+        max_steps=150, log_every=10, checkpoint_every=50, sample_steps=10, output_dir="runs/tiny",
     ),
     # SD1.5 at 512 px with the paper's LiDB sizes; point backbone/image_encoder at your local files.
     "sd15": dict(resolution=512, width=512, depth=2, heads=8, iterations=4, batch_size=4, learning_rate=1e-4, max_steps=20000,

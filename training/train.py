@@ -1,6 +1,7 @@
 """Train a subject hypernetwork end to end, then export what the ComfyUI nodes load.
 
-    python -m training.train --preset demo                      # ~3 min on a CPU, synthetic subjects
+    python -m training.train --preset demo                      # ~3 min on a CPU: pretrained toy-world model, synthetic subjects
+    python -m training.train --preset tiny                      # ~1 min pipeline check on a tiny random backbone
     python -m training.train --config my.yaml --max-steps 5000  # your backbone, encoder and images
     accelerate launch -m training.train --config my.yaml        # several GPUs / nodes
 
@@ -67,6 +68,9 @@ def run(config: TrainConfig) -> TrainResult:
         print(f"training on {accelerator.num_processes} process(es), device {accelerator.device}, precision {config.mixed_precision}", flush=True)
     if main_process and config.backbone == "tiny":
         print("NOTE: the 'tiny' backbone is small and randomly initialised (untrained): the sample pictures only show that the pipeline works.", flush=True)
+    if main_process and config.backbone == "toy":
+        print("NOTE: the 'toy' backbone is the toy-world model pretrained by experiments.study (64 px, a toy vocabulary of shapes, colours "
+              "and backgrounds): the samples show personalisation in that small world, not what SD1.5 does with photographs.", flush=True)
 
     # -- model
     unet_targets = locate_targets(backbone.unet)
