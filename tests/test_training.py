@@ -65,6 +65,11 @@ def test_demo_preset_trains_on_the_shipped_pretrained_toy_model(tmp_path):
     _, info = load_hypernet(tmp_path / "hypernet.safetensors")
     assert info.config.features.encoder.startswith("toy-world CLIP vision") and info.config.width == 128
     assert info.provenance["backbone"] == "toy" and (tmp_path / "samples" / "final.png").stat().st_size > 0
+    # the grid shows subjects the hypernetwork never trained on
+    assert "held-out subjects" in result.stdout
+    trained = {p.name for p in (tmp_path / "synthetic_data").iterdir() if p.is_dir()}
+    shown = {p.name for p in (tmp_path / "synthetic_heldout").iterdir() if p.is_dir()}
+    assert len(shown) == 1 and len(trained) == 3 and not shown & trained
 
 
 def test_killed_run_resumes_with_the_same_loss_trajectory(tmp_path):

@@ -37,6 +37,21 @@ def open_dataset(config, output_dir: Path) -> SubjectFolderDataset:
         raise SystemExit(f"data: {error}") from None
 
 
+def open_preview_dataset(config, output_dir: Path, dataset: SubjectFolderDataset) -> SubjectFolderDataset:
+    """Subjects for the sample grids: with synthetic data, held-out subjects the hypernetwork never saw
+    (two images each, so the prompt can name a new context); otherwise the training subjects."""
+    if config.data != "synthetic" or config.sample_subjects <= 0:
+        return dataset
+    root = output_dir / "synthetic_heldout"
+    marker = root / ".complete"
+    if not marker.exists():
+        write_synthetic_dataset(root, config.sample_subjects, 2, size=max(64, config.resolution), seed=config.seed,
+                                split="heldout", class_word=config.class_word)
+        marker.write_text("ok\n")
+    return SubjectFolderDataset(root, config.resolution, flip_prob=0.0, class_word=config.class_word,
+                                prompt_template=config.prompt_template, placeholder=config.placeholder)
+
+
 def open_backbone(config, device, dtype) -> Backbone:
     try:
         return load_backbone(config.backbone, dtype=dtype, device=device, seed=config.seed)

@@ -1,4 +1,8 @@
-"""Sample grids: reference | base model | personalised (LoRA) | personalised (HM-CFG), one row per subject."""
+"""Sample grids: reference | base model | personalised (LoRA) | personalised (HM-CFG), one row per subject.
+
+The reference is a subject's first image; the prompt is the caption of its last one, so a subject with
+several images is shown in a context other than the reference's.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ def write_sample_grid(path: Path, hypernet, backbone, encoder, dataset, unet_tar
         features = encoder.features(reference, config.hidden_state).to(next(hypernet.parameters()).device)
         lora = hypernet.predict(features).lora
         subject = dataset.subjects[subject_index]
-        prompt = dataset.caption_for(subject, subject.images[0])
+        prompt = dataset.caption_for(subject, subject.images[-1])
         common = dict(steps=config.sample_steps, resolution=config.resolution, seed=config.seed + subject_index)
         base = sample(backbone, [prompt], mode="base", **common)
         personal = sample(backbone, [prompt], lora=lora, unet_modules=unet_targets.modules, text_modules=text_modules, mode="lora", **common)

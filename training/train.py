@@ -27,7 +27,7 @@ from hypernet.targets import describe_mismatch, targets_hash
 
 from .checkpoint import load_checkpoint, save_checkpoint, step_generator
 from .config import TrainConfig, load_config
-from .inputs import SubjectBatches, open_backbone, open_dataset, open_image_encoder
+from .inputs import SubjectBatches, open_backbone, open_dataset, open_image_encoder, open_preview_dataset
 from .objective import HypernetObjective
 from .report import write_sample_grid
 
@@ -57,6 +57,7 @@ def run(config: TrainConfig) -> TrainResult:
     # -- inputs, all validated before any long work
     with accelerator.main_process_first():  # the synthetic data set is written once
         dataset = open_dataset(config, output_dir)
+        preview = open_preview_dataset(config, output_dir, dataset)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
     backbone = open_backbone(config, accelerator.device, weight_dtype)
     encoder = open_image_encoder(config, accelerator.device)
@@ -147,7 +148,7 @@ def run(config: TrainConfig) -> TrainResult:
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     save_training_state(output_dir, accelerator, hypernet, optimizer, scheduler, step, layers, feature_spec, config)
                 if config.sample_every and step % config.sample_every == 0:
-                    write_sample_grid(output_dir / "samples" / f"step_{step:06d}.png", accelerator.unwrap_model(hypernet), backbone, encoder, dataset, unet_targets, text_targets, config)
+                    write_sample_grid(output_dir / "samples" / f"step_{step:06d}.png", accelerator.unwrap_model(hypernet), backbone, encoder, preview, unet_targets, text_targets, config)
     except KeyboardInterrupt:
         if main_process:
             save_training_state(output_dir, accelerator, hypernet, optimizer, scheduler, step - 1, layers, feature_spec, config)
@@ -176,10 +177,11 @@ def run(config: TrainConfig) -> TrainResult:
     subject = predict_subject_lora(model, features, read_hypernet_info(hypernet_path))
     subject_path = subject.save(output_dir / "subject_lora.safetensors")
     compact_path = subject.save_compact(output_dir / "subject_lora.compact.safetensors") if subject.can_save_compact else None
-    grid_path = write_sample_grid(output_dir / "samples" / "final.png", model, backbone, encoder, dataset, unet_targets, text_targets, config) if config.sample_subjects > 0 else None
+    grid_path = write_sample_grid(output_dir / "samples" / "final.png", model, backbone, encoder, preview, unet_targets, text_targets, config) if config.sample_subjects > 0 else None
     print(f"\nexported hypernetwork: {hypernet_path}\nsubject LoRA (kohya):  {subject_path}\n"
           + (f"subject LoRA (compact, {compact_path.stat().st_size} bytes): {compact_path}\n" if compact_path else "")
-          + (f"sample grid (reference | base | personalised | HM-CFG): {grid_path}\n" if grid_path else "")
+          + (f"sample grid (reference | base | personalised | HM-CFG; {'held-out subjects, ' if preview is not dataset else ''}"
+             f"prompt from another image of the subject): {grid_path}\n" if grid_path else "")
           + f"metrics: {metrics_path}", flush=True)
     return TrainResult(hypernet_path, subject_path, compact_path, grid_path, metrics_path, config.max_steps)
 
