@@ -81,7 +81,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-DEMO_STEPS = 600
+DEMO_STEPS = 700
 PRESETS: dict[str, dict[str, Any]] = {
     # ~3 minutes on a 2-core CPU: the toy-world base model and image encoder pretrained by experiments.study
     # (shipped in training/toy_model/), synthetic subjects of the same world, the study's hypernetwork size.

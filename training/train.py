@@ -71,7 +71,8 @@ def run(config: TrainConfig) -> TrainResult:
         print("NOTE: the 'tiny' backbone is small and randomly initialised (untrained): the sample pictures only show that the pipeline works.", flush=True)
     if main_process and config.backbone == "toy":
         print("NOTE: the 'toy' backbone is the toy-world model pretrained by experiments.study (64 px, a toy vocabulary of shapes, colours "
-              "and backgrounds): the samples show personalisation in that small world, not what SD1.5 does with photographs.", flush=True)
+              "and backgrounds): the samples show personalisation in that small world, not what SD1.5 does with photographs. The toy "
+              "model barely renders subject identity, so personalised samples look much like the base ones (docs/study.md).", flush=True)
 
     # -- model
     unet_targets = locate_targets(backbone.unet)
