@@ -112,7 +112,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--backbone", "/nonexistent/model.safetensors"], "backbone: checkpoint: file not found"),
     (["--data", "/nonexistent/folder"], "data: data folder not found"),
-    (["--image-encoder", "/nonexistent/clip.safetensors"], "image encoder: CLIP vision model: file not found"),
+    (["--image-encoder", "/nonexistent/clip.safetensors"], "image encoder: image encoder not found: /nonexistent/clip.safetensors"),
 ])
 def test_bad_inputs_fail_fast_with_a_clear_message(tmp_path, args, message):
     started = time.time()
