@@ -34,7 +34,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from safetensors.torch import load_file, save_file
 g = torch.Generator().manual_seed(0)
 unet = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=2, channel_mult=[1, 2, 4, 4],
-                 transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1, transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+                 transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
                  context_dim=768, num_heads=8, use_spatial_transformer=True, use_linear_in_transformer=False, legacy=False,
                  operations=comfy.ops.disable_weight_init)
 norms = {id(m.weight) for m in unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))}

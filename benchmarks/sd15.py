@@ -25,7 +25,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(script: str, args: list[str], out: Path) -> dict:
+def run(script: str, args: list[str], out: Path, reuse: bool = False) -> dict:
+    if reuse and out.exists():  # a comparison that already finished (after a later one failed)
+        print(f"\n(reusing {out})", flush=True)
+        return json.loads(out.read_text())
     command = [sys.executable, str(REPO / "benchmarks" / script), *args, "--json", str(out)]
     print(f"\n$ {' '.join(command[1:])}", flush=True)
     start = time.time()
@@ -39,16 +42,17 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a rough table in less time)")
     parser.add_argument("--out", default="runs/benchmarks", help="folder for the JSON results")
+    parser.add_argument("--reuse", action="store_true", help="keep results already in --out instead of measuring them again")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = str(args.resolution)
     repeats = "1" if args.quick else "3"
-    personalise = run("personalise.py", ["--resolution", res, "--measure-steps", "2" if args.quick else "3"], out / "personalise.json")
+    personalise = run("personalise.py", ["--resolution", res, "--measure-steps", "2" if args.quick else "3"], out / "personalise.json", args.reuse)
     sampling = run("comfy_sampling.py", ["--full-sd15", "--resolution", res, "--steps", "3" if args.quick else "4", "--repeats", repeats,
-                                            "--memory-runs", "5" if args.quick else "20"], out / "comfy_sampling.json")
+                                            "--memory-runs", "5" if args.quick else "20"], out / "comfy_sampling.json", args.reuse)
     training = run("train_step.py", ["--backbone", "sd15-random", "--resolution", res, "--batch-size", "1", "--repeats", repeats, "--warmup", "1"],
-                   out / "train_step.json")
+                   out / "train_step.json", args.reuse)
 
     import torch
 
