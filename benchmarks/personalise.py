@@ -43,20 +43,18 @@ def main() -> None:
     parser.add_argument("--measure-steps", type=int, default=3)
     parser.add_argument("--json", help="also write the numbers to this JSON file (benchmarks/sd15.py reads it)")
     args = parser.parse_args()
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from training.backbone import _tokenizer
+    from training.backbone import sd15_random_backbone
     from training.image_encoder import ImageEncoder
 
-    config_dir = REPO / "training" / "configs" / "sd15"
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet")).eval().requires_grad_(False)
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder")).eval().requires_grad_(False)
+    backbone = sd15_random_backbone()
+    unet = backbone.unet.eval().requires_grad_(False)
+    text_encoder = backbone.text_encoder.eval().requires_grad_(False)
     vision = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                                                             image_size=224, patch_size=14, projection_dim=768)).eval().requires_grad_(False)
     encoder = ImageEncoder(vision, 224, "ViT-L/14 (random)")
-    tokenizer = _tokenizer()
+    tokenizer = backbone.tokenizer
     bound = locate_targets(unet, [text_encoder])
     modules = bound.modules
     schedule = NoiseSchedule.scaled_linear()

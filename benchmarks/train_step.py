@@ -33,16 +33,9 @@ def build(args):
 
     config = TrainConfig(**{**PRESETS["tiny"], "batch_size": args.batch_size, "resolution": args.resolution})
     if args.backbone == "sd15-random":
-        from training.backbone import Backbone, _scheduler, _tokenizer
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from training.backbone import sd15_random_backbone
 
-        cfg = REPO / "training" / "configs" / "sd15"
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg / "unet"))
-        text = CLIPTextModel(CLIPTextConfig.from_pretrained(cfg / "text_encoder"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(cfg / "vae"))
-        backbone = Backbone(unet, text, _tokenizer(), vae, _scheduler(), "sd15", 0.18215, "sd15-random")
+        backbone = sd15_random_backbone()
         config = TrainConfig(**{**PRESETS["sd15"], "batch_size": args.batch_size, "resolution": args.resolution})
         encoder = load_image_encoder("tiny")  # encoder cost is small and identical across runs; kept tiny offline
     else:

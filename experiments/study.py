@@ -26,7 +26,7 @@ import torch
 
 from hypernet import FinetuneConfig, LoraWeights, NoiseSchedule, attach_lora, load_hypernet, locate_targets, rank_relaxed_finetune
 from training.backbone import load_backbone
-from training.config import TrainConfig
+from training.config import PRESETS, TrainConfig
 from training.image_encoder import load_image_encoder
 from training.sampling import image_grid, sample, to_pil
 from training.synthetic import Context, SyntheticWorld, write_synthetic_dataset
@@ -72,12 +72,12 @@ def train_hypernet(out: Path, plan: Plan, data: Path, reg_weight: float, name: s
     target = out / name
     if (target / "hypernet.safetensors").exists():
         return target / "hypernet.safetensors"
-    config = TrainConfig(
-        backbone=str(out / "base"), image_encoder=str(out / "image_encoder"), data=str(data), resolution=plan.sizes.resolution,
-        flip_prob=0.0, width=128, depth=2, heads=4, iterations=2, lidb_a=32, lidb_b=16, reg_weight=reg_weight, batch_size=8,
-        learning_rate=1e-3, max_steps=plan.hypernet_steps, log_every=50, checkpoint_every=500, sample_steps=plan.sample_steps,
-        sample_subjects=3, output_dir=str(target), prompt_dropout=0.1, seed=0,
-    )
+    # the demo preset is this recipe (same hypernetwork size, batch, learning rate, no flips); only the inputs differ
+    config = TrainConfig(**{
+        **PRESETS["demo"], "backbone": str(out / "base"), "image_encoder": str(out / "image_encoder"), "data": str(data),
+        "resolution": plan.sizes.resolution, "reg_weight": reg_weight, "max_steps": plan.hypernet_steps, "log_every": 50,
+        "checkpoint_every": 500, "sample_steps": plan.sample_steps, "sample_subjects": 3, "output_dir": str(target), "seed": 0,
+    })
     start = time.time()
     run(config)
     plan.timings[f"train_{name}_s"] = time.time() - start

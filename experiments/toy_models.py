@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from training.backbone import CONFIG_DIR, _ones_for_norms
+from training.image_encoder import clip_normalise
 from training.synthetic import COLOURS, SyntheticWorld
 
 TOKENIZER_DIR = CONFIG_DIR / "tokenizer"
@@ -122,13 +123,6 @@ def train_clip(stream: RenderStream, sizes: Sizes):
         if step % 100 == 0 or step == sizes.clip_steps - 1:
             _log(f"clip step {step + 1}/{sizes.clip_steps} contrastive loss {loss.item():.3f} ({time.time() - start:.0f}s)")
     return model.eval().requires_grad_(False), tokenizer
-
-
-def clip_normalise(images01: torch.Tensor) -> torch.Tensor:
-    from training.image_encoder import CLIP_MEAN, CLIP_STD
-
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (torch.clip(255.0 * images01, 0, 255).round() / 255.0 - mean) / std
 
 
 def train_base_unet(stream: RenderStream, vae, text_encoder, tokenizer, sizes: Sizes):

@@ -93,6 +93,23 @@ def _scheduler():
     return DDPMScheduler.from_pretrained(CONFIG_DIR, subfolder="scheduler", local_files_only=True)
 
 
+def _vae_downscale(vae) -> int:
+    """Pixels per latent of a diffusers AutoencoderKL: each block after the first halves the resolution."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def sd15_random_backbone(seed: int = 0) -> Backbone:
+    """Full-size SD1.5 architecture from the shipped configs, random weights (benchmarks; nothing downloaded)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIG_DIR / "unet"))
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(CONFIG_DIR / "text_encoder"))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIG_DIR / "vae"))
+    return Backbone(unet, text_encoder, _tokenizer(), vae, _scheduler(), "sd15", SD15_SCALING, "sd15-random")
+
+
 def tiny_backbone(seed: int = 0) -> Backbone:
     """Small, random, SD1.5-shaped: 64 px images -> 8x8 latents, real CLIP tokenizer."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -124,7 +141,8 @@ def toy_backbone() -> Backbone:
     unet = UNet2DConditionModel.from_pretrained(TOY_DIR / "unet", local_files_only=True).float()
     vae = AutoencoderKL.from_pretrained(TOY_DIR / "vae", local_files_only=True).float()
     scheduler = DDPMScheduler.from_pretrained(TOY_DIR / "scheduler", local_files_only=True)
-    return Backbone(unet, load_toy_text_encoder(), _tokenizer(), vae, scheduler, "sd15-toy", vae.config.scaling_factor, "toy", vae_scale_factor=4)
+    return Backbone(unet, load_toy_text_encoder(), _tokenizer(), vae, scheduler, "sd15-toy", vae.config.scaling_factor, "toy",
+                    vae_scale_factor=_vae_downscale(vae))
 
 
 def _from_diffusers_folder(path: Path) -> Backbone:
@@ -144,7 +162,7 @@ def _from_diffusers_folder(path: Path) -> Backbone:
         raise BackboneError(f"could not load the diffusers folder {path}: {error}") from error
     _check_supported(unet.config.cross_attention_dim, getattr(unet.config, "addition_embed_type", None), getattr(scheduler.config, "prediction_type", "epsilon"), str(path))
     return Backbone(unet, text_encoder, tokenizer, vae, scheduler, "sd15", vae.config.scaling_factor, str(path),
-                    vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+                    vae_scale_factor=_vae_downscale(vae))
 
 
 def _check_supported(context_dim, addition_embed_type, prediction_type, where: str) -> None:

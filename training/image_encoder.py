@@ -80,10 +80,7 @@ class ImageEncoder:
             images = F.interpolate(images, size=resized, mode="bicubic", antialias=True)
             top, left = (images.shape[2] - size) // 2, (images.shape[3] - size) // 2
             images = images[:, :, top : top + size, left : left + size]
-        images = torch.clip(255.0 * images, 0, 255).round() / 255.0
-        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-        return (images - mean) / std
+        return clip_normalise(images, self.mean, self.std)
 
     def _pixels(self, images, crop: bool) -> torch.Tensor:
         if isinstance(images, (list, tuple)):  # differently sized images: each is resized, then one batch
@@ -92,16 +89,9 @@ class ImageEncoder:
 
     @torch.no_grad()
     def encode(self, images, crop: bool = True, batch_size: int = 32) -> dict[str, torch.Tensor]:
-        """All three outputs in one pass: ``{name: (B, tokens, dim)}`` float32 on the encoder's device."""
-        pixels = self._pixels(images, crop)
-        parts = []
-        for start in range(0, pixels.shape[0], batch_size):
-            out = self.model(pixel_values=pixels[start : start + batch_size].to(self.dtype), output_hidden_states=True)
-            part = {"last_hidden_state": out.last_hidden_state, "penultimate_hidden_states": out.hidden_states[-2]}
-            if self.has_projection:
-                part["image_embeds"] = out.image_embeds.unsqueeze(1)
-            parts.append(part)
-        return {key: torch.cat([p[key] for p in parts]).float() for key in parts[0]}
+        """All outputs in one pass: ``{name: (B, tokens, dim)}`` float32 on the encoder's device."""
+        names = [name for name in HIDDEN_STATES if name != "image_embeds" or self.has_projection]
+        return self._run(self._pixels(images, crop), names, batch_size)
 
     @torch.no_grad()
     def features(self, images, hidden_state: str | None = None, crop: bool = True, batch_size: int = 32) -> torch.Tensor:
@@ -113,17 +103,16 @@ class ImageEncoder:
         """
         hidden_state = hidden_state or self.hidden_state
         self._check(hidden_state)
-        pixels = self._pixels(images, crop)
-        rows = []
+        return self._run(self._pixels(images, crop), [hidden_state], batch_size)[hidden_state]
+
+    def _run(self, pixels: torch.Tensor, names: list[str], batch_size: int) -> dict[str, torch.Tensor]:
+        rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         for start in range(0, pixels.shape[0], batch_size):
-            batch = pixels[start : start + batch_size].to(self.dtype)
-            if hidden_state == "image_embeds":
-                rows.append(self.model(pixel_values=batch).image_embeds.unsqueeze(1))
-            elif hidden_state == "last_hidden_state":
-                rows.append(self.model(pixel_values=batch).last_hidden_state)
-            else:
-                rows.append(self.model(pixel_values=batch, output_hidden_states=True).hidden_states[-2])
-        return torch.cat(rows).float()
+            out = self.model(pixel_values=pixels[start : start + batch_size].to(self.dtype),
+                             output_hidden_states="penultimate_hidden_states" in names)
+            for name in names:
+                rows[name].append(_OUTPUTS[name](out))
+        return {name: torch.cat(parts).float() for name, parts in rows.items()}
 
     def _check(self, hidden_state: str) -> None:
         if hidden_state not in HIDDEN_STATES:
@@ -147,6 +136,22 @@ class ImageEncoder:
             dim, tokens = config.hidden_size, (config.image_size // config.patch_size) ** 2 + 1
         return {"dim": dim, "tokens": tokens, "hidden_state": hidden_state, "image_size": config.image_size,
                 "mean": list(self.mean), "std": list(self.std), "encoder": self.description}
+
+
+# ComfyUI's CLIP_VISION outputs, read off a transformers CLIPVisionModelWithProjection output
+_OUTPUTS = {
+    "last_hidden_state": lambda out: out.last_hidden_state,  # encoder output, no final layer norm
+    "penultimate_hidden_states": lambda out: out.hidden_states[-2],
+    "image_embeds": lambda out: out.image_embeds.unsqueeze(1),
+}
+
+
+def clip_normalise(images: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """``(B, 3, H, W)`` in [0, 1] -> rounded to 1/255 steps and normalised, as ComfyUI's ``clip_preprocess``."""
+    images = torch.clip(255.0 * images, 0, 255).round() / 255.0
+    mean = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
 
 
 def as_image_batch(images) -> torch.Tensor:

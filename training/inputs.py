@@ -21,18 +21,27 @@ from .synthetic import write_synthetic_dataset
 log = logging.getLogger("training")
 
 
+def _synthetic_once(root: Path, subjects: int, images_per_subject: int, config, split: str) -> Path:
+    """Write a synthetic subject folder unless a finished one is already there (re-runs and --resume reuse it)."""
+    marker = root / ".complete"
+    if not marker.exists():
+        write_synthetic_dataset(root, subjects, images_per_subject, size=max(64, config.resolution), seed=config.seed,
+                                split=split, class_word=config.class_word)
+        marker.write_text("ok\n")
+    return root
+
+
+def _subject_folder(root, config, flip_prob: float) -> SubjectFolderDataset:
+    return SubjectFolderDataset(root, config.resolution, flip_prob=flip_prob, class_word=config.class_word,
+                                prompt_template=config.prompt_template, placeholder=config.placeholder)
+
+
 def open_dataset(config, output_dir: Path) -> SubjectFolderDataset:
     root = config.data
     if root == "synthetic":
-        root = output_dir / "synthetic_data"
-        marker = root / ".complete"
-        if not marker.exists():
-            write_synthetic_dataset(root, config.synthetic_subjects, config.synthetic_images_per_subject, size=max(64, config.resolution),
-                                    seed=config.seed, class_word=config.class_word)
-            marker.write_text("ok\n")
+        root = _synthetic_once(output_dir / "synthetic_data", config.synthetic_subjects, config.synthetic_images_per_subject, config, "train")
     try:
-        return SubjectFolderDataset(root, config.resolution, flip_prob=config.flip_prob, class_word=config.class_word,
-                                    prompt_template=config.prompt_template, placeholder=config.placeholder)
+        return _subject_folder(root, config, config.flip_prob)
     except DataError as error:
         raise SystemExit(f"data: {error}") from None
 
@@ -42,14 +51,7 @@ def open_preview_dataset(config, output_dir: Path, dataset: SubjectFolderDataset
     (two images each, so the prompt can name a new context); otherwise the training subjects."""
     if config.data != "synthetic" or config.sample_subjects <= 0:
         return dataset
-    root = output_dir / "synthetic_heldout"
-    marker = root / ".complete"
-    if not marker.exists():
-        write_synthetic_dataset(root, config.sample_subjects, 2, size=max(64, config.resolution), seed=config.seed,
-                                split="heldout", class_word=config.class_word)
-        marker.write_text("ok\n")
-    return SubjectFolderDataset(root, config.resolution, flip_prob=0.0, class_word=config.class_word,
-                                prompt_template=config.prompt_template, placeholder=config.placeholder)
+    return _subject_folder(_synthetic_once(output_dir / "synthetic_heldout", config.sample_subjects, 2, config, "heldout"), config, 0.0)
 
 
 def open_backbone(config, device, dtype) -> Backbone:
@@ -91,8 +93,9 @@ class SubjectBatches:
         return self.assemble(samples, self.encoder, self.config, self.device)
 
     @staticmethod
-    def assemble(samples, encoder: ImageEncoder, config, device, with_features: bool = True) -> Batch:
-        features = encoder.features([s.reference.unsqueeze(0) for s in samples], config.hidden_state) if with_features else torch.zeros(len(samples), 1, 1)
+    def assemble(samples, encoder: ImageEncoder | None, config, device) -> Batch:
+        """A batch of samples; without an encoder the features are a placeholder (for stand-ins that ignore them)."""
+        features = encoder.features([s.reference.unsqueeze(0) for s in samples], config.hidden_state) if encoder is not None else torch.zeros(len(samples), 1, 1)
         return Batch(
             pixels=torch.stack([s.pixels for s in samples]).to(device),
             features=features.to(device),

@@ -23,7 +23,7 @@ from hypernet.lora import LoraWeights
 
 from .checkpoint import step_generator
 from .config import load_config
-from .inputs import SubjectBatches, open_backbone, open_dataset, open_image_encoder
+from .inputs import SubjectBatches, open_backbone, open_dataset
 from .objective import HypernetObjective
 
 
@@ -63,7 +63,6 @@ def main(argv=None) -> None:
     dataset = open_dataset(config, Path(config.output_dir))
     backbone = open_backbone(config, "cpu" if not torch.cuda.is_available() else "cuda", torch.float32)
     device = next(backbone.unet.parameters()).device
-    encoder = open_image_encoder(config, device)
     unet_targets = locate_targets(backbone.unet)
     text_targets = locate_targets(None, [backbone.text_encoder]) if config.text_encoder_targets else None
     layers = unet_targets.layers + (text_targets.layers if text_targets is not None else [])
@@ -77,7 +76,7 @@ def main(argv=None) -> None:
         for step in range(args.preopt_steps):
             generator = step_generator(config.seed, step, subject_index)
             samples = [dataset.get(items[int(torch.randint(len(items), (), generator=generator))], generator) for _ in range(config.batch_size)]
-            batch = SubjectBatches.assemble(samples, encoder, config, device, with_features=False)
+            batch = SubjectBatches.assemble(samples, None, config, device)  # FixedSubject ignores features
             optimizer.zero_grad()
             with objective.step(model, batch, generator) as terms:
                 terms["loss"].backward()

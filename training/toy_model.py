@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from hypernet.files import read_safetensors
 
 TOY_DIR = Path(__file__).parent / "toy_model"
 
@@ -57,10 +59,7 @@ def pack_toy_model(study_out: Path, dest: Path = TOY_DIR) -> Path:
 def load_toy_text_encoder(dest: Path = TOY_DIR):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    path = dest / "text_encoder.safetensors"
-    with open(path, "rb") as handle:
-        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))["__metadata__"]
-    state = load_file(path)
+    state, header = read_safetensors(dest / "text_encoder.safetensors", "toy text encoder")
     model = CLIPTextModel(CLIPTextConfig(**json.loads(header["config"])))
     table = torch.zeros(model.config.vocab_size, model.config.hidden_size, dtype=torch.float16)
     table[state.pop("kept_token_ids")] = state.pop("kept_token_rows")
