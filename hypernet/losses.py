@@ -38,14 +38,16 @@ def weight_space_loss(params: dict[str, torch.Tensor], targets: dict[str, torch.
 
 
 def nearest_neighbor_contrastive_loss(
-    embeddings: torch.Tensor, vocabulary: torch.Tensor, temperature: float = 0.07
+    embeddings: torch.Tensor, vocabulary: torch.Tensor, temperature: float = 0.07, groups: list | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pull each predicted word embedding toward its nearest real vocabulary embedding, away from the others.
+    """Pull each predicted word embedding toward its nearest real vocabulary embedding, away from other subjects'.
 
-    InfoNCE with the nearest neighbour ``n_i`` (by cosine, chosen without gradient) as the positive and
-    the other subjects' predictions ``v_j`` in the batch as negatives:
-    ``-log exp(cos(v_i, n_i)/t) / (exp(cos(v_i, n_i)/t) + sum_{j != i} exp(cos(v_i, v_j)/t))``.
-    Returns the mean loss and the index of each nearest vocabulary entry.
+    InfoNCE with the nearest neighbour ``n_i`` (by cosine, chosen without gradient) as the positive and the
+    other subjects' predictions ``v_j`` in the batch as negatives:
+    ``-log exp(cos(v_i, n_i)/t) / (exp(cos(v_i, n_i)/t) + sum_{j: other subject} exp(cos(v_i, v_j)/t))``.
+    ``vocabulary`` holds only real words (the caller leaves out special tokens and the placeholder itself);
+    ``groups`` names each row's subject, so another view of the same subject is never a negative.
+    Returns the mean loss and the index (into ``vocabulary``) of each nearest entry.
     """
     v = F.normalize(embeddings.float(), dim=-1)
     vocab = F.normalize(vocabulary.float(), dim=-1)
@@ -53,7 +55,12 @@ def nearest_neighbor_contrastive_loss(
         nearest = (v @ vocab.T).argmax(dim=-1)
     positive = (v * vocab[nearest]).sum(dim=-1, keepdim=True) / temperature
     others = (v @ v.T) / temperature
-    others = others.masked_fill(torch.eye(len(v), dtype=torch.bool, device=v.device), float("-inf"))
-    logits = torch.cat([positive, others], dim=1)
+    if groups is None:
+        same = torch.eye(len(v), dtype=torch.bool, device=v.device)
+    else:
+        codes = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+        labels = torch.tensor([codes[g] for g in groups], device=v.device)
+        same = labels[:, None] == labels[None, :]
+    logits = torch.cat([positive, others.masked_fill(same, float("-inf"))], dim=1)
     loss = -torch.log_softmax(logits, dim=1)[:, 0]
     return loss.mean(), nearest

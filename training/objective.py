@@ -48,6 +48,17 @@ class TokenEmbeddingOverride:
         return self.module.register_forward_hook(self)
 
 
+def real_word_ids(backbone, placeholder_id: int) -> torch.Tensor:
+    """Vocabulary rows the nearest-neighbour loss may pick: real words only, not special tokens, the
+    placeholder itself, or rows a pruned vocabulary left at zero."""
+    tokenizer = backbone.tokenizer
+    table = backbone.text_encoder.get_input_embeddings().weight.detach()
+    excluded = set(tokenizer.all_special_ids) | {placeholder_id}
+    keep = (table.abs().sum(dim=1) > 0).cpu()
+    keep[list(excluded)] = False
+    return keep.nonzero().flatten()
+
+
 class HypernetObjective:
     """Computes the loss of one batch; holds the frozen backbone pieces and the bound target layers."""
 
@@ -62,6 +73,7 @@ class HypernetObjective:
             raise ValueError(f"placeholder {config.placeholder!r} is {len(placeholder_ids)} tokens; the embedding option needs a single-token placeholder")
         self.placeholder_id = placeholder_ids[0]
         self.embedding_override = TokenEmbeddingOverride(backbone.text_encoder.get_input_embeddings(), self.placeholder_id) if config.token_embedding else None
+        self.vocabulary_ids = real_word_ids(backbone, self.placeholder_id) if config.token_embedding and config.nn_weight > 0 else None
 
     def tokenize(self, captions: list[str], device) -> torch.Tensor:
         tokenizer = self.backbone.tokenizer
@@ -110,8 +122,8 @@ class HypernetObjective:
                 loss = loss + config.weight_space_weight * ws
                 terms["weight_space"] = ws.detach()
         if self.embedding_override is not None and config.nn_weight > 0 and size > 1:
-            vocabulary = backbone.text_encoder.get_input_embeddings().weight.detach()
-            nn_loss, _ = nearest_neighbor_contrastive_loss(out.token_embedding, vocabulary, config.nn_temperature)
+            vocabulary = backbone.text_encoder.get_input_embeddings().weight.detach()[self.vocabulary_ids.to(device)]
+            nn_loss, _ = nearest_neighbor_contrastive_loss(out.token_embedding, vocabulary, config.nn_temperature, groups=batch.subject_ids)
             loss = loss + config.nn_weight * nn_loss
             terms["nn"] = nn_loss.detach()
         terms["loss"] = loss
