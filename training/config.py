@@ -75,6 +75,9 @@ class TrainConfig:
     sample_steps: int = _opt(20, "Sampling steps for sample grids.")
     sample_subjects: int = _opt(3, "Subjects (rows) in a sample grid (0 = no grids).")
     tensorboard: bool = _opt(False, "Also log to TensorBoard (needs the tensorboard package).")
+    eval_data: str = _opt("", "Held-out subject folder for validation while training ('synthetic': held-out subjects of the synthetic world; '' = none).")
+    eval_every: int = _opt(0, "Steps between validations (identity / prompt scores to metrics.jsonl, TensorBoard and validation.png; 0 = only at the end when eval_data is set).")
+    eval_subjects: int = _opt(8, "Held-out subjects scored at each validation.")
     resume: bool = _opt(False, "Continue from output_dir/checkpoint.pt.")
 
     def to_dict(self) -> dict:

@@ -54,6 +54,22 @@ def open_preview_dataset(config, output_dir: Path, dataset: SubjectFolderDataset
     return _subject_folder(_synthetic_once(output_dir / "synthetic_heldout", config.sample_subjects, 2, config, "heldout"), config, 0.0)
 
 
+def open_eval_dataset(config, output_dir: Path) -> SubjectFolderDataset | None:
+    """Held-out subjects for validation while training (``--eval-data``), or None."""
+    if not config.eval_data:
+        return None
+    root = config.eval_data
+    if root == "synthetic":
+        root = _synthetic_once(output_dir / "synthetic_eval", config.eval_subjects, 2, config, "heldout")
+    try:
+        dataset = _subject_folder(root, config, 0.0)
+    except DataError as error:
+        raise SystemExit(f"eval data: {error}") from None
+    if len(dataset.subjects) < 2:
+        raise SystemExit(f"eval data: {root} holds {len(dataset.subjects)} subject(s); validation needs at least 2")
+    return dataset
+
+
 def open_backbone(config, device, dtype) -> Backbone:
     try:
         return load_backbone(config.backbone, dtype=dtype, device=device, seed=config.seed)

@@ -25,13 +25,15 @@ def write_sample_grid(path: Path, hypernet, backbone, encoder, dataset, unet_tar
     for subject_index in range(min(config.sample_subjects, len(dataset.subjects))):
         reference = dataset.reference_images(subject_index)
         features = encoder.features(reference, config.hidden_state).to(next(hypernet.parameters()).device)
-        lora = hypernet.predict(features).lora
+        predicted = hypernet.predict(features)
+        lora = predicted.lora
         subject = dataset.subjects[subject_index]
         prompt = dataset.caption_for(subject, subject.images[-1])
         common = dict(steps=config.sample_steps, resolution=config.resolution, seed=config.seed + subject_index)
         base = sample(backbone, [prompt], mode="base", **common)
-        personal = sample(backbone, [prompt], lora=lora, unet_modules=unet_targets.modules, text_modules=text_modules, mode="lora", **common)
-        hybrid = sample(backbone, [prompt], lora=lora, unet_modules=unet_targets.modules, text_modules=text_modules, mode="hmcfg", **common)
+        subject = dict(lora=lora, unet_modules=unet_targets.modules, text_modules=text_modules, token_embedding=predicted.token_embedding, placeholder=config.placeholder)
+        personal = sample(backbone, [prompt], mode="lora", **subject, **common)
+        hybrid = sample(backbone, [prompt], mode="hmcfg", **subject, **common)
         rows.append([to_pil(reference[0]), to_pil(base[0]), to_pil(personal[0]), to_pil(hybrid[0])])
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(rows, cell).save(path)

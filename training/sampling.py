@@ -12,15 +12,21 @@ from hypernet import attach_lora
 from hypernet.guidance import hm_cfg
 from hypernet.lora import LoraWeights
 
-from .objective import split_lora
+from .objective import TokenEmbeddingOverride, split_lora
 
 
-def _encode(backbone, prompts, device, text_modules=None, lora=None):
+def _encode(backbone, prompts, device, text_modules=None, lora=None, token_embedding=None, placeholder: str = "sks"):
+    """Prompt conditioning; with ``lora`` the text encoder is adapted, with ``token_embedding`` ``(B, dim)`` the
+    placeholder word's input embedding is replaced by the predicted one (the tuning-encoder option)."""
     tokenizer = backbone.tokenizer
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
     with ExitStack() as stack:
         if lora is not None and text_modules:
             stack.enter_context(attach_lora(text_modules, split_lora(lora, text_modules)))
+        if token_embedding is not None:
+            placeholder_id = tokenizer(placeholder, add_special_tokens=False).input_ids[0]
+            override = TokenEmbeddingOverride(backbone.text_encoder.get_input_embeddings(), placeholder_id)
+            stack.callback(override.attach(token_embedding.to(device)).remove)
         return backbone.text_encoder(ids)[0]
 
 
@@ -39,9 +45,13 @@ def sample(
     resolution: int = 64,
     seed: int = 0,
     negative: str = "",
+    token_embedding: torch.Tensor | None = None,
+    placeholder: str = "sks",
 ) -> torch.Tensor:
     """Images ``(B, 3, H, W)`` in [0, 1]. ``lora`` is per-sample (batched) or shared; ``mode`` is
-    'base' (no LoRA), 'lora' (CFG on the adapted model, text encoder adapted too) or 'hmcfg'."""
+    'base' (no LoRA), 'lora' (CFG on the adapted model, text encoder adapted too) or 'hmcfg'.
+    ``token_embedding`` (per-sample ``(B, dim)`` or shared ``(dim,)``): the predicted word embedding that the
+    placeholder means in the adapted model's prompts."""
     from diffusers import DDIMScheduler
 
     device = next(backbone.unet.parameters()).device
@@ -55,7 +65,9 @@ def sample(
     base_cond = _encode(backbone, prompts, device)
     base_uncond = _encode(backbone, [negative] * size, device)
     if adapted:
-        subject_cond = _encode(backbone, prompts, device, text_modules, lora)
+        if token_embedding is not None and token_embedding.dim() == 1:
+            token_embedding = token_embedding.expand(size, -1)
+        subject_cond = _encode(backbone, prompts, device, text_modules, lora, token_embedding, placeholder)
         subject_uncond = _encode(backbone, [negative] * size, device, text_modules, lora)
     factor = backbone.vae_scale_factor if hasattr(backbone, "vae_scale_factor") else 8
     channels = backbone.unet.config.in_channels

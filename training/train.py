@@ -27,9 +27,10 @@ from hypernet.targets import describe_mismatch, targets_hash
 
 from .checkpoint import load_checkpoint, save_checkpoint, step_generator
 from .config import TrainConfig, load_config
-from .inputs import SubjectBatches, open_backbone, open_dataset, open_image_encoder, open_preview_dataset
+from .inputs import SubjectBatches, open_backbone, open_dataset, open_eval_dataset, open_image_encoder, open_preview_dataset
 from .objective import HypernetObjective
 from .report import write_sample_grid
+from .validation import make_validator, run_validation
 
 log = logging.getLogger("training")
 
@@ -58,6 +59,7 @@ def run(config: TrainConfig) -> TrainResult:
     with accelerator.main_process_first():  # the synthetic data set is written once
         dataset = open_dataset(config, output_dir)
         preview = open_preview_dataset(config, output_dir, dataset)
+        evaluation = open_eval_dataset(config, output_dir)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
     backbone = open_backbone(config, accelerator.device, weight_dtype)
     encoder = open_image_encoder(config, accelerator.device)
@@ -105,6 +107,7 @@ def run(config: TrainConfig) -> TrainResult:
     objective = HypernetObjective(backbone, unet_targets, text_targets, config, schedule, preopt=load_preopt(config, layers))
     batches = SubjectBatches(dataset, encoder, config, accelerator.num_processes, accelerator.process_index, accelerator.device)
     metrics_path = output_dir / "metrics.jsonl"
+    validator = make_validator(config, evaluation, backbone, encoder, unet_targets, text_targets) if evaluation is not None and main_process else None
     board = open_tensorboard(config, output_dir) if main_process else None
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -148,8 +151,12 @@ def run(config: TrainConfig) -> TrainResult:
                     last_time, images_seen = now, 0
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     save_training_state(output_dir, accelerator, hypernet, optimizer, scheduler, step, layers, feature_spec, config)
+                if validator is not None and config.eval_every and step % config.eval_every == 0:
+                    run_validation(validator, accelerator.unwrap_model(hypernet), step, metrics_path, board, output_dir)
                 if config.sample_every and step % config.sample_every == 0:
                     write_sample_grid(output_dir / "samples" / f"step_{step:06d}.png", accelerator.unwrap_model(hypernet), backbone, encoder, preview, unet_targets, text_targets, config)
+        if validator is not None and step == config.max_steps and not (config.eval_every and step % config.eval_every == 0):
+            run_validation(validator, accelerator.unwrap_model(hypernet), step, metrics_path, board, output_dir)  # the final scores
     except KeyboardInterrupt:
         if main_process:
             save_training_state(output_dir, accelerator, hypernet, optimizer, scheduler, step - 1, layers, feature_spec, config)
