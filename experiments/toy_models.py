@@ -1,12 +1,14 @@
 """Pretraining the toy world's base text-to-image model (SD1.5 family, tiny) and its image encoder, on a CPU.
 
-- VAE: diffusers ``AutoencoderKL`` (64 px -> 16x16x4 latents), trained to reconstruct renders.
+- render pool: renders of training-split subjects in random contexts, with their labels, made once;
+- VAE: diffusers ``AutoencoderKL`` (64 px -> 16x16x4 latents), trained to reconstruct renders;
 - toy CLIP: transformers ``CLIPModel`` trained contrastively on (render, full description) pairs -- its
   vision tower is the hypernetwork's frozen image encoder and its text tower the base model's text encoder,
-  as CLIP is for Stable Diffusion.
-- base UNet: ``UNet2DConditionModel`` trained with the denoising loss on CLASS-LEVEL captions only
-  ("a photo of a toy on a sand background, on the left, small"): it knows backgrounds, positions and scales,
-  not individual subjects.
+  as CLIP is for Stable Diffusion;
+- base UNet: ``UNet2DConditionModel`` trained with the denoising loss on captions that describe the subject's
+  identity in words part of the time (all of it, or some attributes) and name only the class the rest of the
+  time ("a photo of a toy on a sand background, on the left, small"), plus empty captions for CFG. Like SD, it
+  can then draw what words describe; personalisation binds a rare token to one identity inside that ability.
 Everything is saved as a diffusers folder (+ a transformers CLIP-vision folder) that ``training.train`` loads.
 """
 
@@ -24,16 +26,16 @@ import torch.nn.functional as F
 
 from training.backbone import CONFIG_DIR, _ones_for_norms
 from training.image_encoder import clip_normalise
-from training.synthetic import COLOURS, SyntheticWorld
+from training.synthetic import BACKGROUNDS, IDENTITY_ATTRIBUTES, MARKINGS, PATTERNS, POSITIONS, SCALES, SHAPES, COLOURS, Context, Subject, SyntheticWorld
 
 TOKENIZER_DIR = CONFIG_DIR / "tokenizer"
+ATTRIBUTE_VALUES = {"shape": list(SHAPES), "primary": list(COLOURS), "secondary": list(COLOURS), "pattern": list(PATTERNS),
+                    "marking": list(MARKINGS), "background": list(BACKGROUNDS), "position": list(POSITIONS), "scale": list(SCALES)}
 
 
-def describe(subject, context) -> str:
+def describe(subject: Subject, context: Context) -> str:
     """The full description CLIP-style pretraining uses (identity + context)."""
-    marking = "no marking" if subject.marking == "none" else f"a {subject.marking} marking"
-    return (f"a {subject.primary} and {subject.secondary} {subject.pattern} {subject.shape} with {marking} "
-            f"on a {context.background} background, {context.position}, {context.scale}")
+    return SyntheticWorld.caption(context, description=subject.describe())
 
 
 @dataclass
@@ -41,40 +43,75 @@ class Sizes:
     """Model sizes and step counts; ``quick`` shrinks everything for a pipeline check."""
 
     resolution: int = 64
-    vae_steps: int = 1000
-    clip_steps: int = 1200
-    unet_steps: int = 3000
-    batch: int = 16
-    clip_batch: int = 32  # contrastive learning needs in-batch negatives
+    pool_images: int = 48000
+    vae_steps: int = 2000
+    clip_steps: int = 3000
+    unet_steps: int = 12000
+    reader_steps: int = 3000
+    batch: int = 32
+    clip_batch: int = 128  # contrastive learning needs in-batch negatives
     vae_channels: tuple = (16, 32, 32)
-    unet_channels: tuple = (32, 64, 64)
+    unet_channels: tuple = (48, 96, 96)
+    unet_heads: int = 4
     text_hidden: int = 64
+    described_share: float = 0.5  # captions naming every identity attribute
+    partial_share: float = 0.25  # captions naming a random subset of them (the rest: class level or empty)
+    empty_share: float = 0.1
 
     @classmethod
     def quick(cls) -> "Sizes":
-        return cls(vae_steps=20, clip_steps=20, unet_steps=30, batch=8, clip_batch=8, text_hidden=32)
+        return cls(pool_images=256, vae_steps=20, clip_steps=20, unet_steps=30, reader_steps=30, batch=8, clip_batch=16, text_hidden=32)
 
 
-class RenderStream:
-    """Endless random renders of training-split subjects in random contexts (with labels)."""
+class RenderPool:
+    """Renders of some subjects in random contexts, made once, with their labels; batches are drawn from it."""
 
-    def __init__(self, world: SyntheticWorld, subjects, resolution: int, seed: int):
-        self.world, self.subjects, self.resolution = world, subjects, resolution
-        self.rng = random.Random(seed)
+    def __init__(self, pixels: torch.Tensor, subjects: list[Subject], contexts: list[Context]):
+        self.pixels, self.subjects, self.contexts = pixels, subjects, contexts  # pixels: uint8 (N, 3, H, W)
 
-    def batch(self, size: int):
-        subjects = [self.rng.choice(self.subjects) for _ in range(size)]
-        contexts = [self.world.sample_context(self.rng) for _ in range(size)]
-        images = np.stack([np.asarray(self.world.render(s, c, self.resolution)) for s, c in zip(subjects, contexts)])
-        pixels = torch.from_numpy(images).float().div(127.5).sub(1).permute(0, 3, 1, 2)
-        return pixels, subjects, contexts
+    @classmethod
+    def render(cls, world: SyntheticWorld, subjects: list[Subject], count: int, resolution: int, seed: int) -> "RenderPool":
+        rng = random.Random(seed)
+        chosen = [rng.choice(subjects) for _ in range(count)]
+        contexts = [world.sample_context(rng) for _ in range(count)]
+        pixels = np.stack([np.asarray(world.render(s, c, resolution)) for s, c in zip(chosen, contexts)])
+        return cls(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), chosen, contexts)
+
+    @classmethod
+    def cached(cls, path: Path, world: SyntheticWorld, subjects: list[Subject], count: int, resolution: int, seed: int) -> "RenderPool":
+        if path.exists():
+            saved = torch.load(path)
+            return cls(saved["pixels"], [Subject(*s) for s in saved["subjects"]], [Context(*c) for c in saved["contexts"]])
+        pool = cls.render(world, subjects, count, resolution, seed)
+        torch.save({"pixels": pool.pixels, "subjects": [tuple(s.labels().values()) for s in pool.subjects],
+                    "contexts": [tuple(c.labels().values()) for c in pool.contexts]}, path)
+        return pool
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def floats(self, index: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1]."""
+        return self.pixels[index].float().div(127.5).sub(1)
+
+    def labels(self, index) -> dict[str, torch.Tensor]:
+        rows = [{**self.subjects[i].labels(), **self.contexts[i].labels()} for i in index.tolist()]
+        return {name: torch.tensor([values.index(r[name]) for r in rows]) for name, values in ATTRIBUTE_VALUES.items()}
+
+
+def warmup_cosine(optimizer, steps: int, warmup: float = 0.05):
+    """Linear warm-up over ``warmup`` of the steps, then cosine decay to zero."""
+    import math
+
+    ramp = max(1, int(steps * warmup))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / ramp if s < ramp else 0.5 * (1 + math.cos(math.pi * (s - ramp) / max(1, steps - ramp))))
 
 
 def _log(message: str) -> None:
     print(f"[toy] {message}", flush=True)
 
 
-def train_vae(stream: RenderStream, sizes: Sizes):
+def train_vae(pool: RenderPool, sizes: Sizes, generator: torch.Generator):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
@@ -82,24 +119,34 @@ def train_vae(stream: RenderStream, sizes: Sizes):
                                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                                         norm_num_groups=16, sample_size=sizes.resolution))
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    schedule = warmup_cosine(optimizer, sizes.vae_steps)
     start = time.time()
     for step in range(sizes.vae_steps):
-        pixels, _, _ = stream.batch(sizes.batch)
+        pixels = pool.floats(torch.randint(0, len(pool), (sizes.batch,), generator=generator))
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         loss = F.mse_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 100 == 0 or step == sizes.vae_steps - 1:
+        schedule.step()
+        if step % 200 == 0 or step == sizes.vae_steps - 1:
             _log(f"vae step {step + 1}/{sizes.vae_steps} mse {loss.item():.4f} ({time.time() - start:.0f}s)")
+    vae.eval().requires_grad_(False)
     with torch.no_grad():
-        latents = torch.cat([vae.encode(stream.batch(sizes.batch)[0]).latent_dist.mode() for _ in range(4)])
+        latents = torch.cat([vae.encode(pool.floats(torch.arange(i, min(i + 256, len(pool))))).latent_dist.mode() for i in range(0, min(len(pool), 2048), 256)])
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    return vae.eval().requires_grad_(False)
+    return vae
 
 
-def train_clip(stream: RenderStream, sizes: Sizes):
+@torch.no_grad()
+def encode_pool(vae, pool: RenderPool, batch: int = 256) -> torch.Tensor:
+    """UNet-space latents of every render in the pool (the VAE posterior's mode, times the scaling factor)."""
+    parts = [vae.encode(pool.floats(torch.arange(i, min(i + batch, len(pool))))).latent_dist.mode() for i in range(0, len(pool), batch)]
+    return torch.cat(parts) * vae.config.scaling_factor
+
+
+def train_clip(pool: RenderPool, sizes: Sizes, generator: torch.Generator):
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, local_files_only=True)
@@ -111,97 +158,172 @@ def train_clip(stream: RenderStream, sizes: Sizes):
         projection_dim=64,
     )
     model = _ones_for_norms(CLIPModel(config))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    schedule = warmup_cosine(optimizer, sizes.clip_steps)
     start = time.time()
     for step in range(sizes.clip_steps):
-        pixels, subjects, contexts = stream.batch(sizes.clip_batch)
-        ids = tokenizer([describe(s, c) for s, c in zip(subjects, contexts)], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        loss = model(input_ids=ids, pixel_values=clip_normalise((pixels + 1) / 2), return_loss=True).loss
+        index = torch.randint(0, len(pool), (sizes.clip_batch,), generator=generator)
+        captions = [describe(pool.subjects[i], pool.contexts[i]) for i in index.tolist()]
+        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        loss = model(input_ids=ids, pixel_values=clip_normalise((pool.floats(index) + 1) / 2), return_loss=True).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 100 == 0 or step == sizes.clip_steps - 1:
+        schedule.step()
+        if step % 200 == 0 or step == sizes.clip_steps - 1:
             _log(f"clip step {step + 1}/{sizes.clip_steps} contrastive loss {loss.item():.3f} ({time.time() - start:.0f}s)")
     return model.eval().requires_grad_(False), tokenizer
 
 
-def train_base_unet(stream: RenderStream, vae, text_encoder, tokenizer, sizes: Sizes):
+def pretraining_caption(subject: Subject, context: Context, rng: random.Random, sizes: Sizes) -> str:
+    """Described (all identity attributes), partly described (a random subset), class level, or empty."""
+    draw = rng.random()
+    if draw < sizes.empty_share:
+        return ""
+    draw -= sizes.empty_share
+    if draw < sizes.described_share:
+        return SyntheticWorld.caption(context, description=subject.describe())
+    draw -= sizes.described_share
+    if draw < sizes.partial_share:
+        named = [a for a in IDENTITY_ATTRIBUTES if rng.random() < 0.5]
+        return SyntheticWorld.caption(context, description=subject.describe(named)) if named else SyntheticWorld.caption(context)
+    return SyntheticWorld.caption(context)
+
+
+def train_base_unet(pool: RenderPool, latents: torch.Tensor, text_encoder, tokenizer, sizes: Sizes, generator: torch.Generator, log_every: int = 200,
+                    snapshot=None, snapshot_every: int = 0):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from hypernet import NoiseSchedule
 
     torch.manual_seed(2)
     c = sizes.unet_channels
+    # Attention at the 8x8 and 4x4 latent levels only: self-attention over 256 tokens at 16x16 would cost
+    # more than the rest of the UNet on a CPU, and the 16x16 level's convolutions place the details.
     unet = _ones_for_norms(UNet2DConditionModel(
         sample_size=sizes.resolution // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=c,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=sizes.text_hidden, attention_head_dim=8, norm_num_groups=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=sizes.text_hidden, attention_head_dim=sizes.unet_heads, norm_num_groups=16,
     ))
     scheduler = DDPMScheduler.from_pretrained(CONFIG_DIR, subfolder="scheduler", local_files_only=True)
     schedule = NoiseSchedule(scheduler.alphas_cumprod.float())
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
-    lr = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=sizes.unet_steps, pct_start=0.05)
-    world = stream.world
-    cache: dict[str, torch.Tensor] = {}
-
-    def encode(captions):
-        missing = [t for t in captions if t not in cache]
-        if missing:
-            ids = tokenizer(missing, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-            with torch.no_grad():
-                for text, hidden in zip(missing, text_encoder(ids)[0]):
-                    cache[text] = hidden
-        return torch.stack([cache[t] for t in captions])
-
+    lr = warmup_cosine(optimizer, sizes.unet_steps, 0.03)
+    rng = random.Random(2)
     start = time.time()
     for step in range(sizes.unet_steps):
-        pixels, _, contexts = stream.batch(sizes.batch)
-        captions = ["" if stream.rng.random() < 0.1 else world.caption(ctx) for ctx in contexts]  # class-level only
+        index = torch.randint(0, len(pool), (sizes.batch,), generator=generator)
+        captions = [pretraining_caption(pool.subjects[i], pool.contexts[i], rng, sizes) for i in index.tolist()]
+        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (len(captions),))
-        loss = F.mse_loss(unet(schedule.add_noise(latents, noise, t), t, encode(captions)).sample, noise)
+            context = text_encoder(ids)[0]
+        x0 = latents[index]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, 1000, (len(captions),), generator=generator)
+        loss = F.mse_loss(unet(schedule.add_noise(x0, noise, t), t, context).sample, noise)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         lr.step()
-        if step % 100 == 0 or step == sizes.unet_steps - 1:
+        if step % log_every == 0 or step == sizes.unet_steps - 1:
             _log(f"base unet step {step + 1}/{sizes.unet_steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
+        if snapshot is not None and snapshot_every and (step + 1) % snapshot_every == 0:
+            snapshot(unet, scheduler, step + 1)
     return unet.eval().requires_grad_(False), scheduler
 
 
-def pretrain_toy_world(out: Path, sizes: Sizes, seed: int = 0) -> dict:
-    """Train VAE, toy CLIP and base UNet; save ``out/base`` (diffusers) and ``out/image_encoder`` (transformers)."""
-    from transformers import CLIPTextModel, CLIPVisionModelWithProjection
-
-    world = SyntheticWorld(seed)
-    stream = RenderStream(world, world.subjects(2000, "train"), sizes.resolution, seed)
-    timings = {}
-    start = time.time()
-    vae = train_vae(stream, sizes)
-    timings["vae_s"] = time.time() - start
-    start = time.time()
-    clip, tokenizer = train_clip(stream, sizes)
-    timings["clip_s"] = time.time() - start
-    text_encoder = CLIPTextModel(clip.config.text_config)
-    missing, _ = text_encoder.load_state_dict(clip.text_model.state_dict(), strict=False)
-    assert not [m for m in missing if not m.endswith("position_ids")], missing
-    text_encoder.eval().requires_grad_(False)
-    start = time.time()
-    unet, scheduler = train_base_unet(stream, vae, text_encoder, tokenizer, sizes)
-    timings["unet_s"] = time.time() - start
-    base = out / "base"
+def save_base_model(folder: Path, unet, vae, text_encoder, tokenizer, scheduler) -> None:
     for name, part in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder), ("tokenizer", tokenizer), ("scheduler", scheduler)):
-        part.save_pretrained(base / name)
-    (base / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "_note": "toy world base model"}))
+        part.save_pretrained(folder / name)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "_note": "toy world base model"}))
+
+
+def save_image_encoder(folder: Path, clip) -> None:
+    from transformers import CLIPVisionModelWithProjection
+
     vision_config = clip.config.vision_config
     vision_config.projection_dim = clip.config.projection_dim
     vision = CLIPVisionModelWithProjection(vision_config)
     vision.vision_model.load_state_dict(clip.vision_model.state_dict())
     vision.visual_projection.load_state_dict(clip.visual_projection.state_dict())
-    vision.save_pretrained(out / "image_encoder")
-    (out / "pretrain_timings.json").write_text(json.dumps(timings))
-    _log(f"pretraining done in {sum(timings.values()):.0f}s: {timings}")
+    vision.save_pretrained(folder)
+
+
+def text_encoder_of(clip):
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    missing, _ = text_encoder.load_state_dict(clip.text_model.state_dict(), strict=False)
+    assert not [m for m in missing if not m.endswith("position_ids")], missing
+    return text_encoder.eval().requires_grad_(False)
+
+
+def pretrain_toy_world(out: Path, sizes: Sizes, seed: int = 0) -> dict:
+    """Render pool, VAE, toy CLIP, base UNet and the attribute reader; each stage is kept in ``out`` and reused
+    when present. Saves ``out/base`` (diffusers), ``out/image_encoder`` (transformers), ``out/reader.safetensors``."""
+    from diffusers import AutoencoderKL
+
+    from .toy_metrics import save_reader, train_reader
+
+    out.mkdir(parents=True, exist_ok=True)
+    timings_path = out / "pretrain_timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    world = SyntheticWorld(seed)
+    def generator(offset: int) -> torch.Generator:  # one per stage, so a resumed pretraining draws the same batches
+        return torch.Generator().manual_seed(seed * 100 + offset)
+
+    def stage(name: str, done: bool, work):
+        if done:
+            return
+        start = time.time()
+        work()
+        timings[f"{name}_s"] = round(time.time() - start, 1)
+        timings_path.write_text(json.dumps(timings, indent=1))
+
+    pool_path = out / "pool.pt"
+    stage("render", pool_path.exists(), lambda: RenderPool.cached(pool_path, world, world.subjects(None, "train"), sizes.pool_images, sizes.resolution, seed))
+    pool = RenderPool.cached(pool_path, world, [], 0, sizes.resolution, seed)
+    base = out / "base"
+    stage("vae", (base / "vae").exists(), lambda: train_vae(pool, sizes, generator(1)).save_pretrained(base / "vae"))
+    vae = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True).eval().requires_grad_(False)
+    latents_path = out / "latents.pt"
+    stage("encode", latents_path.exists(), lambda: torch.save(encode_pool(vae, pool), latents_path))
+    latents = torch.load(latents_path)
+
+    def reader_stage():
+        with torch.no_grad():
+            decoded = torch.cat([vae.decode(latents[i : i + 256] / vae.config.scaling_factor).sample.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+                                 for i in range(0, len(latents), 256)])
+        save_reader(train_reader(pool, decoded, sizes.reader_steps, 64, _log), out / "reader.safetensors")
+
+    stage("reader", (out / "reader.safetensors").exists(), reader_stage)
+    clip_dir = out / "clip"
+
+    def clip_stage():
+        model, tokenizer = train_clip(pool, sizes, generator(2))
+        model.save_pretrained(clip_dir)
+        tokenizer.save_pretrained(clip_dir)
+
+    stage("clip", (clip_dir / "config.json").exists(), clip_stage)
+    from transformers import CLIPModel, CLIPTokenizer
+
+    clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval().requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir, local_files_only=True)
+    text_encoder = text_encoder_of(clip)
+    if not (out / "image_encoder" / "config.json").exists():
+        save_image_encoder(out / "image_encoder", clip)
+        for name, part in (("text_encoder", text_encoder), ("tokenizer", tokenizer)):
+            part.save_pretrained(base / name)
+
+    def unet_stage():
+        def snapshot(unet, scheduler, step):  # intermediate base models, to watch what the UNet can draw
+            unet.save_pretrained(out / "snapshots" / f"unet_{step:06d}")
+
+        unet, scheduler = train_base_unet(pool, latents, text_encoder, tokenizer, sizes, generator(3), snapshot=snapshot, snapshot_every=sizes.unet_steps // 6)
+        save_base_model(base, unet, vae, text_encoder, tokenizer, scheduler)
+
+    stage("unet", (base / "model_index.json").exists(), unet_stage)
+
+    _log(f"pretraining done: {timings}")
     return timings

@@ -1,0 +1,50 @@
+"""Pretrain the toy world (base model, image encoder, attribute reader) and ship it in training/toy_model.
+
+    python -m experiments.pretrain --out runs/toy_world           # hours on 2 CPU cores; stages resume when re-run
+    python -m experiments.pretrain --out runs/toy_world --pack    # then copy it into training/toy_model (fp16, pruned)
+    python -m experiments.pretrain --out runs/quick --quick       # pipeline check in a few minutes
+
+The study (``python -m experiments.study``) and the README demo (``--preset demo``) use the shipped copy, so
+this command runs once per change of the world; its cost is recorded in ``training/toy_model/pretrain.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from .toy_models import Sizes, pretrain_toy_world
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/toy_world", help="work folder; finished stages in it are reused")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and step counts (pipeline check)")
+    parser.add_argument("--pack", action="store_true", help="copy the result into training/toy_model (fp16, pruned vocabulary)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = Sizes.quick() if args.quick else Sizes()
+    out = Path(args.out)
+    timings = pretrain_toy_world(out, sizes)
+    record = {"sizes": dataclasses.asdict(sizes), "timings_s": timings, "total_minutes": round(sum(timings.values()) / 60, 1),
+              "torch_threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+              "torch": torch.__version__}
+    (out / "pretrain.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"[pretrain] done in {record['total_minutes']} min: {out}", flush=True)
+    if args.pack:
+        from training.toy_model import TOY_DIR, pack_toy_model
+
+        pack_toy_model(out, TOY_DIR, record)
+        size = sum(f.stat().st_size for f in TOY_DIR.rglob("*") if f.is_file())
+        print(f"[pretrain] packed into {TOY_DIR} ({size / 1e6:.1f} MB)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
