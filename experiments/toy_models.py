@@ -44,7 +44,8 @@ class Sizes:
 
     resolution: int = 64
     pool_images: int = 48000
-    vae_steps: int = 2000
+    vae_steps: int = 2000  # MSE, lr 1e-3
+    vae_refine_steps: int = 3000  # then L1 + MSE at lr 5e-4: sharper edges, markings and patterns
     clip_steps: int = 3000
     unet_steps: int = 12000
     reader_steps: int = 3000
@@ -60,7 +61,7 @@ class Sizes:
 
     @classmethod
     def quick(cls) -> "Sizes":
-        return cls(pool_images=256, vae_steps=20, clip_steps=20, unet_steps=30, reader_steps=30, batch=8, clip_batch=16, text_hidden=32)
+        return cls(pool_images=256, vae_steps=20, vae_refine_steps=10, clip_steps=20, unet_steps=30, reader_steps=30, batch=8, clip_batch=16, text_hidden=32)
 
 
 class RenderPool:
@@ -111,27 +112,32 @@ def _log(message: str) -> None:
     print(f"[toy] {message}", flush=True)
 
 
-def train_vae(pool: RenderPool, sizes: Sizes, generator: torch.Generator):
+def new_vae(sizes: Sizes):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = _ones_for_norms(AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=sizes.vae_channels, layers_per_block=1,
-                                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                                        norm_num_groups=16, sample_size=sizes.resolution))
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    schedule = warmup_cosine(optimizer, sizes.vae_steps)
+    return _ones_for_norms(AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=sizes.vae_channels, layers_per_block=1,
+                                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                                         norm_num_groups=16, sample_size=sizes.resolution))
+
+
+def train_vae(vae, pool: RenderPool, steps: int, batch: int, learning_rate: float, l1: bool, generator: torch.Generator, name: str):
+    """Reconstruction training (MSE, or L1 + MSE), then the scaling factor that gives latents unit variance."""
+    vae.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate)
+    schedule = warmup_cosine(optimizer, steps)
     start = time.time()
-    for step in range(sizes.vae_steps):
-        pixels = pool.floats(torch.randint(0, len(pool), (sizes.batch,), generator=generator))
+    for step in range(steps):
+        pixels = pool.floats(torch.randint(0, len(pool), (batch,), generator=generator))
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
-        loss = F.mse_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
+        loss = F.mse_loss(reconstruction, pixels) + (F.l1_loss(reconstruction, pixels) if l1 else 0) + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
-        if step % 200 == 0 or step == sizes.vae_steps - 1:
-            _log(f"vae step {step + 1}/{sizes.vae_steps} mse {loss.item():.4f} ({time.time() - start:.0f}s)")
+        if step % 200 == 0 or step == steps - 1:
+            _log(f"{name} step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         latents = torch.cat([vae.encode(pool.floats(torch.arange(i, min(i + 256, len(pool))))).latent_dist.mode() for i in range(0, min(len(pool), 2048), 256)])
@@ -285,7 +291,10 @@ def pretrain_toy_world(out: Path, sizes: Sizes, seed: int = 0) -> dict:
     stage("render", pool_path.exists(), lambda: RenderPool.cached(pool_path, world, world.subjects(None, "train"), sizes.pool_images, sizes.resolution, seed))
     pool = RenderPool.cached(pool_path, world, [], 0, sizes.resolution, seed)
     base = out / "base"
-    stage("vae", (base / "vae").exists(), lambda: train_vae(pool, sizes, generator(1)).save_pretrained(base / "vae"))
+    stage("vae", (out / "vae_stage1").exists() or (base / "vae").exists(),
+          lambda: train_vae(new_vae(sizes), pool, sizes.vae_steps, sizes.batch, 1e-3, False, generator(1), "vae").save_pretrained(out / "vae_stage1"))
+    stage("vae_refine", (base / "vae").exists(), lambda: train_vae(AutoencoderKL.from_pretrained(out / "vae_stage1", local_files_only=True), pool,
+                                                                   sizes.vae_refine_steps, sizes.batch, 5e-4, True, generator(4), "vae refine").save_pretrained(base / "vae"))
     vae = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True).eval().requires_grad_(False)
     latents_path = out / "latents.pt"
     stage("encode", latents_path.exists(), lambda: torch.save(encode_pool(vae, pool), latents_path))
