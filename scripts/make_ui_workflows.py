@@ -35,10 +35,11 @@ GROUP_PAD, GROUP_TITLE, STAGE_GAP = 20, 40, 60
 VIEW_ORIGIN, VIEW_SIZE = (80, 140), (1500, 700)
 MIN_SCALE, MAX_SCALE = 0.85, 1.0  # below ~0.57 the front end draws nodes as boxes without text (LiteGraph LOD)
 
-# Body sizes a newcomer can read: wide enough for file names, tall enough for image and text previews.
+# Body sizes a newcomer can read: wide enough for file names, tall enough for text boxes and for image previews
+# (the front end grows a node by a 220 px preview once its image loads: LoadImage 344 px, SaveImage 278 px).
 PREFERRED_SIZE = {
     "CheckpointLoaderSimple": (300, 0), "CLIPVisionLoader": (300, 0), "SubjectHyperNet_LoadHyperNet": (300, 0),
-    "LoadImage": (260, 280), "PreviewAny": (260, 110), "CLIPTextEncode": (260, 110), "PrimitiveStringMultiline": (260, 120),
+    "LoadImage": (260, 350), "PreviewAny": (260, 110), "CLIPTextEncode": (260, 110), "PrimitiveStringMultiline": (260, 120),
     "SaveImage": (260, 290), "VAEDecode": (160, 0), "SamplerCustomAdvanced": (250, 0),
 }
 DEFAULT_WIDTH = 250
@@ -52,16 +53,17 @@ STAGES = {
 
 # Per workflow (its file name is the title the template browser shows): per stage the columns of node ids, left
 # to right, top to bottom. Sources sit in the order of the inputs they feed (Load HyperNet, CLIP vision, checkpoint
-# = Predict's hypernet, clip_vision, model, clip), so the links between stages run side by side, not crossing.
+# = Predict's hypernet, clip_vision, model, clip), so the links between stages run side by side, not crossing;
+# HyperNet info (what the hypernetwork was trained for) sits under Predict Subject LoRA, which checks it.
 KSAMPLER, HMCFG, GUIDER, FINETUNE, SAVE_LORA = ("Personalise with KSampler", "Personalise with HM-CFG", "Personalise with the HM-CFG guider",
                                                 "Personalise, finetune, then HM-CFG", "Save a subject LoRA")
-REFERENCE = [[3, 2, 1], [4, 20]]
+REFERENCE = [[3, 2, 1], [4]]
 LAYOUTS = {
-    KSAMPLER: {"reference": REFERENCE, "subject": [[5]], "sampling": [[6, 7, 8], [9]], "output": [[10], [11]]},
-    HMCFG: {"reference": REFERENCE, "subject": [[5]], "sampling": [[21, 7, 9], [6, 8], [10]], "output": [[11], [12]]},
-    GUIDER: {"reference": REFERENCE, "subject": [[5]], "sampling": [[21, 7, 9], [6, 8], [10, 13, 14, 15], [16]], "output": [[11], [12]]},
-    FINETUNE: {"reference": REFERENCE, "subject": [[5], [13], [14]], "sampling": [[21, 7, 9], [6, 8], [10]], "output": [[11, 15], [12]]},
-    SAVE_LORA: {"reference": REFERENCE, "subject": [[5]], "output": [[6], [22]]},
+    KSAMPLER: {"reference": REFERENCE, "subject": [[5, 20]], "sampling": [[6, 7, 8], [9]], "output": [[10], [11]]},
+    HMCFG: {"reference": REFERENCE, "subject": [[5, 20]], "sampling": [[21, 7, 9], [6, 8], [10]], "output": [[11], [12]]},
+    GUIDER: {"reference": REFERENCE, "subject": [[5, 20]], "sampling": [[21, 7, 9], [6, 8], [10, 13, 14, 15], [16]], "output": [[11], [12]]},
+    FINETUNE: {"reference": REFERENCE, "subject": [[5, 20], [13], [14]], "sampling": [[21, 7, 9], [6, 8], [10]], "output": [[11, 15], [12]]},
+    SAVE_LORA: {"reference": REFERENCE, "subject": [[5, 20]], "output": [[6], [22]]},
 }
 SUMMARIES = {
     KSAMPLER: "The hypernetwork turns one photo into a LoRA for the checkpoint; a core KSampler draws with it.",
@@ -82,11 +84,11 @@ Put the files into `ComfyUI/models/`, then press **R** to refresh the lists:
 **Change:** *Subject image*: upload a photo of your subject. Several views of one subject work too, batched with the core Batch Images node."""
 
 
-SUBJECT_NOTE = """*Predict Subject LoRA* turns the photo into LoRA weights in one pass of the hypernetwork (no training).
+SUBJECT_NOTE = """*Predict Subject LoRA* turns the photo into LoRA weights in one pass of the hypernetwork (no training). *HyperNet info* shows, after a run, what the hypernetwork was trained for.
 
 **Change:** `strength_model`, `strength_clip` (1 = as predicted, 0 = the base model)."""
 
-FINETUNE_NOTE = """*Predict Subject LoRA* turns the photo into LoRA weights (no training); *Rank-Relaxed Finetune* then trains a fresh rank-4 LoRA on top for `steps` on the photo and merges both.
+FINETUNE_NOTE = """*Predict Subject LoRA* turns the photo into LoRA weights (no training); *Rank-Relaxed Finetune* then trains a fresh rank-4 LoRA on top for `steps` on the photo and merges both. *HyperNet info* shows, after a run, what the hypernetwork was trained for.
 
 **Change:** *Training prompt* (`a photo of a sks <class>`), `steps`, `seed`."""
 

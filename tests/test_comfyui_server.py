@@ -17,7 +17,7 @@ from comfyui_support.harness import ComfyServer
 from comfyui_support.workflow_format import UI_ONLY_TYPES, strip_meta
 from conftest import prepare_work_dir
 from hypernet.files import COMFYUI_HYPERNET_NAME
-from test_comfyui_workflows import KSAMPLER, WORKFLOWS, bad_variant, load, shrink
+from test_comfyui_workflows import HMCFG, KSAMPLER, WORKFLOWS, bad_variant, load, shrink
 
 pytestmark = pytest.mark.comfyui
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +88,14 @@ def test_template_browser_lists_the_workflows_under_human_titles_with_thumbnails
         assert thumbnail.width == thumbnail.height >= 256 and len(data) < 100_000, (name, thumbnail.size, len(data))
 
 
+def declared_inputs(prompt: dict, object_info: dict) -> dict:
+    """The prompt as the server reads it: without _meta, and without inputs a node's definition does not declare."""
+    def declared(kind):
+        return {name for section in ("required", "optional") for name in object_info[kind]["input"].get(section, {})}
+    return {k: {"class_type": v["class_type"], "inputs": {n: x for n, x in v["inputs"].items() if n in declared(v["class_type"])}}
+            for k, v in prompt.items()}
+
+
 def overlapping(nodes: list[dict]) -> list[tuple[str, str]]:
     """Pairs of nodes whose rectangles (title bar included) share area."""
     def overlap(a, b):
@@ -101,6 +109,7 @@ def test_ui_workflows_open_readable_in_the_real_front_end(server):
     view at a zoom where text is drawn, no node on top of another, every note's text in its box. Screenshots
     (as opened, and the whole graph) go to .cache/artifacts/workflows/."""
     server.post("/settings/Comfy.TutorialCompleted", True)  # no first-run template browser over the graph
+    object_info = server.get("/object_info")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with Browser(chromium_path()) as browser:
         open_comfyui(browser, server.url)
@@ -109,8 +118,9 @@ def test_ui_workflows_open_readable_in_the_real_front_end(server):
             result = load_workflow(browser, workflow, name)
             assert result["missing"] == [], (name, result["missing"])
             assert len(result["types"]) == len(workflow["nodes"])
-            # the front end's own conversion of the UI file equals the API twin the tests execute (notes are UI only)
-            assert strip_meta(result["output"]) == strip_meta(load(name)), name
+            # the front end's own conversion of the UI file equals the API twin the tests execute (notes are UI only;
+            # inputs the server does not declare, like Preview as Text's own display widget, it ignores)
+            assert declared_inputs(result["output"], object_info) == strip_meta(load(name)), name
             assert any(t in UI_ONLY_TYPES for t in result["types"]), name
 
             # readable on open: the stored view, zoomed in past the front end's low-quality threshold (below it,
@@ -139,3 +149,39 @@ def test_ui_workflows_open_readable_in_the_real_front_end(server):
     print(f"screenshots of the opened workflows: {ARTIFACTS}")
     for name in WORKFLOWS:
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_a_run_from_the_front_end_shows_the_image_and_the_hypernetwork_info_without_overlaps(server):
+    """Queue a shipped workflow as a user does (widgets shrunk for the CPU): the saved image appears in Save Image,
+    Load HyperNet's info in HyperNet info, and the grown nodes still overlap nothing."""
+    name = HMCFG
+    workflow = json.loads((WORKFLOW_DIR / f"{name}.json").read_text())
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with Browser(chromium_path()) as browser:
+        open_comfyui(browser, server.url)
+        load_workflow(browser, workflow, name)
+        browser.evaluate("""(async () => {
+            for (const node of window.app.graph._nodes)
+                for (const widget of node.widgets ?? []) {
+                    if (["width", "height"].includes(widget.name)) widget.value = 64;
+                    if (widget.name === "steps") widget.value = 2;
+                }
+            await window.app.queuePrompt(0, 1);
+            return true;
+        })()""")
+        info_node = next(n["id"] for n in workflow["nodes"] if n.get("title") == "HyperNet info")
+        save_node = next(n["id"] for n in workflow["nodes"] if n["type"] == "SaveImage")
+        shown = f"""(() => {{
+            const info = window.app.graph.getNodeById({info_node}).widgets.find(w => w.name === "preview").value;
+            const save = window.app.graph.getNodeById({save_node});
+            return {{info, image: !!(save.imgs?.length && save.imgs.every(i => i.complete && i.naturalWidth > 0))}};
+        }})()"""
+        show_whole_graph(browser, (70, 130, 1500, 700))  # the front end loads an output image when its node is drawn
+        browser.wait_for(f"(() => {{ const s = {shown}; return s.info && s.image; }})()", timeout=300)
+        assert browser.evaluate(shown)["info"].startswith(f"{COMFYUI_HYPERNET_NAME}: base sd15,")
+        time.sleep(1.0)
+        geometry = browser.evaluate("window.app.graph._nodes.map(n => ({title: n.title, rect: Array.from(n.boundingRect)}))")
+        assert overlapping(geometry) == []
+        browser.screenshot(ARTIFACTS / f"{name} (after a run).png")
+    print(f"screenshot after a run: {ARTIFACTS / f'{name} (after a run).png'}")

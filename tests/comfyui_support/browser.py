@@ -114,14 +114,20 @@ def load_workflow(browser: Browser, workflow: dict, name: str) -> dict:
 
     Returns ``types``, ``missing`` (node types the front end does not know), ``output`` (its API prompt),
     ``nodes`` ({id, type, title, rect}: rect = [x, y, w, h] in graph units, title bar included, after the front
-    end grew nodes to their minimum size), ``groups`` ({title, rect}), ``scale``, ``offset``, ``low_quality``
+    end grew nodes to their minimum size and image nodes by their loaded preview), ``groups`` ({title, rect}), ``scale``, ``offset``, ``low_quality``
     (the front end draws nodes without text), ``lod_threshold`` (the zoom below which it does) and ``canvas``
     (its size in CSS pixels).
     """
     return browser.evaluate(f"""(async () => {{
+        const canvas = window.app.canvas;
+        // the level-of-detail threshold the user's setting gives (show_whole_graph switches it off)
+        canvas.min_font_size_for_lod = window.app.extensionManager.setting.get("LiteGraph.Canvas.MinFontSizeForLOD");
         await window.app.loadGraphData({json.dumps(workflow)}, true, true, {json.dumps(name)});
+        // image nodes grow by their preview once the image has loaded: wait for that (at most 10 s)
+        const loading = () => window.app.graph._nodes.some(n => n.type === "LoadImage" && !(n.imgs?.length && n.imgs.every(i => i.complete)));
+        for (let waited = 0; loading() && waited < 10000; waited += 100) await new Promise(resolve => setTimeout(resolve, 100));
         await new Promise(resolve => requestAnimationFrame(() => requestAnimationFrame(resolve)));
-        const graph = window.app.graph, canvas = window.app.canvas;
+        const graph = window.app.graph;
         const prompt = await window.app.graphToPrompt();
         return {{
             types: graph._nodes.map(n => n.type),
