@@ -42,11 +42,11 @@ def missing_hypernet(name: str | None) -> str | None:
     available = folder_paths.get_filename_list(HYPERNET_FOLDER)
     if name is None or name in available:  # None: the name comes from a link, checked when the node runs
         return None
-    folders = " or ".join(folder_paths.get_folder_paths(HYPERNET_FOLDER))
-    found = f"it has {', '.join(available[:5])}{' ...' if len(available) > 5 else ''}" if available else "it is empty"
-    return (f"no hypernetwork '{name}' in {folders} ({found}). To make one: {MAKE_A_HYPERNET} (README: Training a "
-            f"hypernetwork); copy the hypernet.safetensors it writes into that folder as {COMFYUI_HYPERNET_NAME}, the name the "
-            f"example workflows load, then press R in ComfyUI to refresh the list.")
+    folders = folder_paths.get_folder_paths(HYPERNET_FOLDER)
+    found = f"found: {', '.join(available[:5])}{' ...' if len(available) > 5 else ''}" if available else "none there"
+    return (f"no hypernetwork '{name}' in {' or '.join(folders)} ({found}). To make one: {MAKE_A_HYPERNET} (README: Training "
+            f"a hypernetwork); copy the hypernet.safetensors it writes into {'that folder' if len(folders) == 1 else 'one of them'} "
+            f"as {COMFYUI_HYPERNET_NAME}, the name the example workflows load, then press R in ComfyUI to refresh the list.")
 
 
 class LoadCompactSubjectLora:
