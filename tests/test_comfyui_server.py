@@ -185,3 +185,24 @@ def test_a_run_from_the_front_end_shows_the_image_and_the_hypernetwork_info_with
         assert overlapping(geometry) == []
         browser.screenshot(ARTIFACTS / f"{name} (after a run).png")
     print(f"screenshot after a run: {ARTIFACTS / f'{name} (after a run).png'}")
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_template_browser_shows_each_workflow_by_title_with_its_thumbnail(server):
+    """The front end's own template browser, opened on this pack: one card per workflow, titled by its file name,
+    its thumbnail loaded."""
+    with Browser(chromium_path()) as browser:
+        open_comfyui(browser, server.url)
+        browser.evaluate("window.app.extensionManager.command.execute('Comfy.BrowseTemplates').then(() => true)")
+        pack = "Array.from(document.querySelectorAll('.p-dialog *')).filter(e => e.children.length === 0 && e.textContent.trim() === 'comfyui-subject-hypernet')"
+        browser.wait_for(f"{pack}.length > 0", timeout=60)
+        browser.evaluate(f"{pack}[0].click(), true")
+        cards = """Array.from(document.querySelectorAll('.p-dialog h3')).map(h => {
+            let card = h; while (card && !card.querySelector('img')) card = card.parentElement;
+            const image = card && card.querySelector('img');
+            return {title: h.textContent.trim(), thumbnail: !!image && image.complete ? image.naturalWidth : 0};
+        })"""
+        browser.wait_for(f"{cards}.filter(c => c.thumbnail > 0).length >= {len(WORKFLOWS)}", timeout=60)
+        shown = {card["title"]: card["thumbnail"] for card in browser.evaluate(cards)}
+        browser.screenshot(ARTIFACTS / "template browser.png")
+    assert {name: shown.get(name) for name in WORKFLOWS} == {name: 512 for name in WORKFLOWS}, shown
