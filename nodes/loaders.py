@@ -5,7 +5,7 @@ from __future__ import annotations
 import folder_paths
 
 from ..hypernet import load_hypernet
-from ..hypernet.files import load_compact_subject_lora
+from ..hypernet.files import COMFYUI_HYPERNET_NAME, MAKE_A_HYPERNET, load_compact_subject_lora
 from ..hypernet.subject import SubjectLora
 from .comfy_bridge import CATEGORY, HYPERNET_FOLDER, SUBJECT_LORA_FOLDER, lora_model_from_subject
 
@@ -23,10 +23,30 @@ class LoadSubjectHyperNet:
     FUNCTION = "load"
     CATEGORY = f"{CATEGORY}/loaders"
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, hypernet_name):
+        # Replaces ComfyUI's bare "value not in list" with where the file goes and how to make one.
+        return missing_hypernet(hypernet_name) or True
+
     def load(self, hypernet_name):
+        problem = missing_hypernet(hypernet_name)
+        if problem:
+            raise FileNotFoundError(problem)
         hypernet, info = load_hypernet(folder_paths.get_full_path_or_raise(HYPERNET_FOLDER, hypernet_name))
         hypernet.info = info
         return {"ui": {"text": [info.summary()]}, "result": (hypernet, info.summary())}
+
+
+def missing_hypernet(name: str | None) -> str | None:
+    """None if models/hypernets has ``name``, else what to do about it."""
+    available = folder_paths.get_filename_list(HYPERNET_FOLDER)
+    if name is None or name in available:  # None: the name comes from a link, checked when the node runs
+        return None
+    folders = folder_paths.get_folder_paths(HYPERNET_FOLDER)
+    found = f"found: {', '.join(available[:5])}{' ...' if len(available) > 5 else ''}" if available else "none there"
+    return (f"no hypernetwork '{name}' in {' or '.join(folders)} ({found}). To make one: {MAKE_A_HYPERNET} (README: Training "
+            f"a hypernetwork); copy the hypernet.safetensors it writes into {'that folder' if len(folders) == 1 else 'one of them'} "
+            f"as {COMFYUI_HYPERNET_NAME}, the name the example workflows load, then press R in ComfyUI to refresh the list.")
 
 
 class LoadCompactSubjectLora:

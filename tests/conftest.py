@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 WORKFLOW_FILES = {
     "checkpoints": "v1-5-pruned-emaonly.safetensors",
     "clip_vision": "CLIP-ViT-L-14.safetensors",
-    "hypernets": "subject_hypernet_sd15.safetensors",
+    "hypernets": "subject_hypernet_sd15.safetensors",  # hypernet.files.COMFYUI_HYPERNET_NAME
 }
 
 
@@ -50,6 +50,7 @@ def trained_hypernet(comfy_model_files, tmp_path_factory) -> Path:
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
+    (out / "console.txt").write_text(result.stdout)  # what the trainer told the user
     return out / "hypernet.safetensors"
 
 

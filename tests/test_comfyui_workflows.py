@@ -19,10 +19,14 @@ from PIL import Image
 from comfyui_support.harness import run_in_comfyui
 from comfyui_support.workflow_format import NODE_SPECS_CODE, strip_meta, ui_to_api
 from conftest import prepare_work_dir
+from hypernet.files import COMFYUI_HYPERNET_NAME
 
 pytestmark = pytest.mark.comfyui
 API_DIR = Path(__file__).resolve().parents[1] / "workflows" / "api"
 WORKFLOWS = sorted(p.stem for p in API_DIR.glob("*.json"))
+# The file names are the titles ComfyUI's template browser shows.
+KSAMPLER, HMCFG, SAVE_LORA, FINETUNE = "Personalise with KSampler", "Personalise with HM-CFG", "Save a subject LoRA", "Personalise, finetune, then HM-CFG"
+INFO_NODE = "20"  # Preview as Text, showing Load HyperNet's info in every workflow
 
 
 def load(name: str) -> dict:
@@ -45,7 +49,7 @@ def shrink(prompt: dict, prefix: str) -> dict:
 
 
 def base_variant(prompt: dict, prefix: str) -> dict:
-    """personalize_ksampler with the LoRA at strength 0 -- must equal the base model."""
+    """Personalise with KSampler, with the LoRA at strength 0 -- must equal the base model."""
     prompt = shrink(prompt, prefix)
     predict = next(n for n in prompt.values() if n["class_type"] == "SubjectHyperNet_PredictSubjectLora")
     predict["inputs"]["strength_model"] = predict["inputs"]["strength_clip"] = 0.0
@@ -53,7 +57,7 @@ def base_variant(prompt: dict, prefix: str) -> dict:
 
 
 def plain_variant(prompt: dict, prefix: str) -> dict:
-    """personalize_ksampler with the base MODEL/CLIP wired into the sampler: no personalisation at all."""
+    """Personalise with KSampler, with the base MODEL/CLIP wired into the sampler: no personalisation at all."""
     prompt = shrink(prompt, prefix)
     for node in prompt.values():
         for key, value in node["inputs"].items():
@@ -97,22 +101,22 @@ REPEATS = 20
 def comfy_run(comfyui_root, comfy_models, bad_hypernets, tmp_path_factory):
     work = tmp_path_factory.mktemp("comfy_workflows")
     models = prepare_work_dir(work, comfy_models)
-    ks = load("personalize_ksampler")
+    ks = load(KSAMPLER)
     prompts = [shrink(load(name), name) for name in WORKFLOWS]
     names = list(WORKFLOWS)
     # contracts: strength 0 == base; repeated runs identical; core LoraLoader == pack application
     names += ["strength0", "plain", "repeat_a"]
     prompts += [base_variant(ks, "strength0"), plain_variant(ks, "plain"), shrink(ks, "repeat_a")]
-    # after save_subject_lora ran, the saved file is in models/loras under the first free name
+    # after "Save a subject LoRA" ran, the saved file is in models/loras under the first free name
     names += ["core_lora"]
-    prompts += [core_lora_variant(ks, "core_lora", "save_subject_lora/subject_00001.safetensors")]
+    prompts += [core_lora_variant(ks, "core_lora", f"{SAVE_LORA}/subject_00001.safetensors")]
     # bad input through a real graph
     names += ["bad_model", "bad_encoder", "bad_file", "bad_empty"]
     prompts += [bad_variant(ks, "bad", bad_hypernets["model"]), bad_variant(ks, "bad", bad_hypernets["encoder"]),
                 bad_variant(ks, "bad", bad_hypernets["corrupt"]), bad_variant(ks, "bad", empty_image=True)]
     items = [{"prompt": p, "reset": True} for p in prompts]
     # repeated runs of one graph with new seeds (models cached as in normal use): memory must not grow
-    hm = load("personalize_hmcfg")
+    hm = load(HMCFG)
     names += [f"repeat_{i}" for i in range(REPEATS)]
     items += [{"prompt": with_seed(hm, "repeat", i), "reset": False} for i in range(REPEATS)]
     node_types = sorted({n["class_type"] for name in WORKFLOWS for n in load(name).values()})
@@ -131,23 +135,36 @@ def test_shipped_workflow_runs(comfy_run, name):
     result = comfy_run["results"][name]
     assert result["valid"], result["node_errors"]
     assert result["success"], result["execution_error"]
-    if name == "save_subject_lora":
+    # what the hypernetwork was trained for is shown in the graph (Preview as Text on Load HyperNet's info)
+    info, = result["outputs"][INFO_NODE]["text"]
+    assert info.startswith("subject_hypernet_sd15.safetensors: base sd15,") and " expects " in info, info
+    if name == SAVE_LORA:
         loras = comfy_run["models"]["loras"][0]
-        standard = loras / "save_subject_lora" / "subject_00001.safetensors"
-        compact = comfy_run["models"]["subject_loras"][0] / "save_subject_lora" / "subject_00001.compact.safetensors"
+        standard = loras / SAVE_LORA / "subject_00001.safetensors"
+        compact = comfy_run["models"]["subject_loras"][0] / SAVE_LORA / "subject_00001.compact.safetensors"
         assert standard.stat().st_size > 0 and 0 < compact.stat().st_size < standard.stat().st_size
+        assert result["outputs"]["22"]["text"] == [f"{SAVE_LORA}/subject_00001.safetensors"]  # the saved name, shown
     else:
         images = images_of(comfy_run, name)
         assert len(images) == 1 and images[0].shape == (64, 64, 3)
 
 
+def test_trainer_says_to_copy_its_hypernetwork_under_the_name_the_workflows_load(trained_hypernet, comfy_run):
+    # the fixture trained on an SD1.5 checkpoint; the file copied as the trainer says is what every shipped workflow ran on
+    console = (trained_hypernet.parent / "console.txt").read_text()
+    assert f"copy {trained_hypernet} to ComfyUI/models/hypernets/{COMFYUI_HYPERNET_NAME} " in console, console[-600:]
+    assert {n["inputs"]["hypernet_name"] for name in WORKFLOWS for n in load(name).values() if n["class_type"] == "SubjectHyperNet_LoadHyperNet"} == {COMFYUI_HYPERNET_NAME}
+    assert (comfy_run["models"]["hypernets"][0] / COMFYUI_HYPERNET_NAME).resolve() == trained_hypernet.resolve()
+    assert all(comfy_run["results"][name]["success"] for name in WORKFLOWS)
+
+
 def test_finetune_shows_progress(comfy_run):
     # the finetune runs 3 steps here (sampling runs 2), and reports each one
-    assert [v for v, total in comfy_run["results"]["personalize_finetune_hmcfg"]["progress"] if total == 3] == [1, 2, 3]
+    assert [v for v, total in comfy_run["results"][FINETUNE]["progress"] if total == 3] == [1, 2, 3]
 
 
 def test_personalised_differs_from_base_and_strength_zero_is_base(comfy_run):
-    personal, = images_of(comfy_run, "personalize_ksampler")
+    personal, = images_of(comfy_run, KSAMPLER)
     base, = images_of(comfy_run, "plain")
     zero, = images_of(comfy_run, "strength0")
     assert np.array_equal(zero, base)
@@ -155,12 +172,12 @@ def test_personalised_differs_from_base_and_strength_zero_is_base(comfy_run):
 
 
 def test_repeated_run_gives_identical_images(comfy_run):
-    assert np.array_equal(images_of(comfy_run, "personalize_ksampler")[0], images_of(comfy_run, "repeat_a")[0])
+    assert np.array_equal(images_of(comfy_run, KSAMPLER)[0], images_of(comfy_run, "repeat_a")[0])
 
 
 def test_core_lora_loader_on_the_saved_file_equals_the_pack(comfy_run):
     assert comfy_run["results"]["core_lora"]["success"], comfy_run["results"]["core_lora"]["execution_error"]
-    assert np.array_equal(images_of(comfy_run, "core_lora")[0], images_of(comfy_run, "personalize_ksampler")[0])
+    assert np.array_equal(images_of(comfy_run, "core_lora")[0], images_of(comfy_run, KSAMPLER)[0])
 
 
 PARITY_CODE = r"""

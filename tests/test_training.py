@@ -56,6 +56,8 @@ def test_demo_run_exports_what_the_nodes_load(tmp_path):
     assert rows[-1]["reg"] > 0  # the hypernetwork moved away from its zero start
     for path in (tmp_path / "hypernet.safetensors", tmp_path / "samples" / "final.png"):
         assert str(path) in result.stdout
+    # a tiny-backbone hypernetwork is not for ComfyUI's SD1.5 example workflows, and the trainer says so
+    assert result.stdout.strip().splitlines()[-1].startswith(f"for ComfyUI: {tmp_path / 'hypernet.safetensors'} is for base 'sd15-tiny'")
 
 
 def test_demo_preset_trains_on_the_shipped_pretrained_toy_model(tmp_path):

@@ -180,7 +180,7 @@ def run(config: TrainConfig) -> TrainResult:
     reference = dataset.reference_images(0)
     with torch.no_grad():
         features = encoder.features(reference, config.hidden_state)
-    from hypernet.files import read_hypernet_info
+    from hypernet.files import comfyui_install_hint, read_hypernet_info
 
     subject = predict_subject_lora(model, features, read_hypernet_info(hypernet_path))
     subject_path = subject.save(output_dir / "subject_lora.safetensors")
@@ -190,7 +190,7 @@ def run(config: TrainConfig) -> TrainResult:
           + (f"subject LoRA (compact, {compact_path.stat().st_size} bytes): {compact_path}\n" if compact_path else "")
           + (f"sample grid (reference | base | personalised | HM-CFG; {'held-out subjects, ' if preview is not dataset else ''}"
              f"prompt from another image of the subject): {grid_path}\n" if grid_path else "")
-          + f"metrics: {metrics_path}", flush=True)
+          + f"metrics: {metrics_path}\n{comfyui_install_hint(hypernet_path, backbone.arch)}", flush=True)
     return TrainResult(hypernet_path, subject_path, compact_path, grid_path, metrics_path, config.max_steps)
 
 

@@ -93,7 +93,71 @@ class Browser:
             time.sleep(0.5)
         raise TimeoutError(f"page never satisfied: {expression}")
 
-    def screenshot(self, path: Path) -> Path:
-        data = self.send("Page.captureScreenshot", format="png")["data"]
+    def screenshot(self, path: Path, clip: tuple[float, float, float, float] | None = None) -> Path:
+        """PNG of the page, or of the ``clip`` rectangle (x, y, width, height in CSS pixels)."""
+        region = {"clip": dict(zip(("x", "y", "width", "height"), clip), scale=1)} if clip else {}
+        data = self.send("Page.captureScreenshot", format="png", **region)["data"]
         path.write_bytes(base64.b64decode(data))
         return path
+
+
+# -- ComfyUI's front end in that browser ------------------------------------------------------------
+
+def open_comfyui(browser: Browser, url: str, pack_node: str = "SubjectHyperNet_PredictSubjectLora") -> None:
+    """Open the front end and wait until it knows the pack's nodes (the server's /object_info was read)."""
+    browser.goto(url)
+    browser.wait_for(f"!!(window.app && window.app.graph && window.LiteGraph && window.LiteGraph.registered_node_types['{pack_node}'])", timeout=180)
+
+
+def load_workflow(browser: Browser, workflow: dict, name: str) -> dict:
+    """Load a UI workflow as the template browser does (stored view restored) and report what the front end made of it.
+
+    Returns ``types``, ``missing`` (node types the front end does not know), ``output`` (its API prompt),
+    ``nodes`` ({id, type, title, rect}: rect = [x, y, w, h] in graph units, title bar included, after the front
+    end grew nodes to their minimum size and image nodes by their loaded preview), ``groups`` ({title, rect}), ``scale``, ``offset``, ``low_quality``
+    (the front end draws nodes without text), ``lod_threshold`` (the zoom below which it does) and ``canvas``
+    (its size in CSS pixels).
+    """
+    return browser.evaluate(f"""(async () => {{
+        const canvas = window.app.canvas;
+        // the level-of-detail threshold the user's setting gives (show_whole_graph switches it off)
+        canvas.min_font_size_for_lod = window.app.extensionManager.setting.get("LiteGraph.Canvas.MinFontSizeForLOD");
+        await window.app.loadGraphData({json.dumps(workflow)}, true, true, {json.dumps(name)});
+        // image nodes grow by their preview once the image has loaded: wait for that (at most 10 s)
+        const loading = () => window.app.graph._nodes.some(n => n.type === "LoadImage" && !(n.imgs?.length && n.imgs.every(i => i.complete)));
+        for (let waited = 0; loading() && waited < 10000; waited += 100) await new Promise(resolve => setTimeout(resolve, 100));
+        await new Promise(resolve => requestAnimationFrame(() => requestAnimationFrame(resolve)));
+        const graph = window.app.graph;
+        const prompt = await window.app.graphToPrompt();
+        return {{
+            types: graph._nodes.map(n => n.type),
+            missing: graph._nodes.map(n => n.type).filter(t => !window.LiteGraph.registered_node_types[t]),
+            output: prompt.output,
+            nodes: graph._nodes.map(n => ({{id: n.id, type: n.type, title: n.title, rect: Array.from(n.boundingRect)}})),
+            groups: graph._groups.map(g => ({{title: g.title, rect: [g.pos[0], g.pos[1], g.size[0], g.size[1]]}})),
+            scale: canvas.ds.scale, offset: Array.from(canvas.ds.offset),
+            low_quality: canvas.low_quality, lod_threshold: canvas._lowQualityZoomThreshold,
+            canvas: [canvas.canvas.clientWidth, canvas.canvas.clientHeight],
+        }};
+    }})()""")
+
+
+def show_whole_graph(browser: Browser, screen: tuple[float, float, float, float]) -> dict:
+    """Zoom so the whole graph fits the ``screen`` rectangle (x, y, w, h, CSS pixels), text drawn at any zoom and
+    the minimap hidden. Returns ``clip`` (the rectangle the graph occupies, for a screenshot), ``scale`` and
+    ``offset`` (screen = (graph + offset) * scale)."""
+    return browser.evaluate(f"""(async () => {{
+        const [x, y, w, h] = {json.dumps(list(screen))};
+        const graph = window.app.graph, canvas = window.app.canvas;
+        await window.app.extensionManager.setting.set("Comfy.Minimap.Visible", false);
+        canvas.min_font_size_for_lod = 0;
+        const rects = [...graph._nodes.map(n => Array.from(n.boundingRect)), ...graph._groups.map(g => [g.pos[0], g.pos[1], g.size[0], g.size[1]])];
+        const left = Math.min(...rects.map(r => r[0])), top = Math.min(...rects.map(r => r[1]));
+        const right = Math.max(...rects.map(r => r[0] + r[2])), bottom = Math.max(...rects.map(r => r[1] + r[3]));
+        const scale = Math.min(w / (right - left), h / (bottom - top));
+        canvas.ds.scale = scale;
+        canvas.ds.offset = [x / scale - left, y / scale - top];
+        graph.setDirtyCanvas(true, true);
+        await new Promise(resolve => setTimeout(resolve, 500));
+        return {{clip: [x, y, (right - left) * scale, (bottom - top) * scale], scale, offset: Array.from(canvas.ds.offset)}};
+    }})()""")

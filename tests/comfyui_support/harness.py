@@ -197,6 +197,11 @@ class ComfyServer:
         with urllib.request.urlopen(self.url + path, timeout=30) as response:
             return json.loads(response.read())
 
+    def get_bytes(self, path: str) -> tuple[str, bytes]:
+        """GET a file as the front end would: its content type and bytes."""
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return response.headers.get_content_type(), response.read()
+
     def post(self, path: str, payload) -> tuple[int, dict]:
         request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
         try:

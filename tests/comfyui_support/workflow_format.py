@@ -4,7 +4,10 @@ API format (what the server executes): ``{id: {"class_type", "inputs": {name: va
 UI format (what users drag in): litegraph ``nodes`` with ``inputs`` (sockets), ``outputs`` and
 ``widgets_values`` in widget order, plus a ``links`` table. The rules follow the front end: INT/FLOAT/
 STRING/BOOLEAN and combos are widgets unless ``forceInput``; a seed gets a "control after generate"
-value after it; an ``image_upload`` combo gets the upload widget's value after it.
+value after it; an ``image_upload`` combo gets the upload widget's value after it. A widget fed by a link
+(e.g. one prompt string feeding two text encoders) keeps its value in ``widgets_values`` and gets an input
+socket ``{"widget": {"name": ...}}`` after the ordinary sockets, as the front end saves it. Note nodes are
+front-end only: they are in the UI file and never in the API prompt.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+UI_ONLY_TYPES = {"Note", "MarkdownNote"}  # the front end's own nodes: never part of the prompt it sends
 
 # Runs inside ComfyUI (harness code hook): node definitions of the given class types.
 NODE_SPECS_CODE = r"""
@@ -27,7 +31,7 @@ def _spec(cls):
             inputs.append({"name": name, "type": kind, "optional": section == "optional",
                            "force_input": bool(options.get("forceInput")),
                            "control": bool(options.get("control_after_generate")) or (kind == "INT" and name in ("seed", "noise_seed")),
-                           "upload": bool(options.get("image_upload"))})
+                           "upload": bool(options.get("image_upload")), "multiline": bool(options.get("multiline"))})
     names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
     return {"inputs": inputs, "outputs": [[str(n), str(t)] for n, t in zip(names, cls.RETURN_TYPES)]}
 node_specs = {name: _spec(_core.NODE_CLASS_MAPPINGS[name]) for name in spec["node_types"]}
@@ -39,23 +43,16 @@ def _is_widget(input_spec: dict) -> bool:
 
 
 def api_to_ui(api: dict, specs: dict) -> dict:
-    """UI-format workflow with the nodes laid out in columns by graph depth."""
-    depth: dict[str, int] = {}
-
-    def node_depth(node_id: str) -> int:
-        if node_id not in depth:
-            parents = [v[0] for v in api[node_id]["inputs"].values() if isinstance(v, list)]
-            depth[node_id] = 1 + max((node_depth(p) for p in parents), default=-1)
-        return depth[node_id]
-
-    order = sorted(api, key=lambda n: (node_depth(n), int(n)))
-    rows: dict[int, int] = defaultdict(int)
+    """UI-format workflow of an API prompt; every node at (0, 0) with size [0, 0] until a layout places it."""
     links, nodes = [], []
     out_links: dict[tuple[str, int], list[int]] = defaultdict(list)
-    for target in order:
-        spec = specs[api[target]["class_type"]]
-        for slot, input_spec in enumerate(i for i in spec["inputs"] if not _is_widget(i)):
-            value = api[target]["inputs"].get(input_spec["name"])
+    sockets_of: dict[str, list[dict]] = {}
+    for target, node in api.items():
+        spec = specs[node["class_type"]]
+        linked_widgets = [i for i in spec["inputs"] if _is_widget(i) and isinstance(node["inputs"].get(i["name"]), list)]
+        sockets_of[target] = [i for i in spec["inputs"] if not _is_widget(i)] + linked_widgets
+        for slot, input_spec in enumerate(sockets_of[target]):
+            value = node["inputs"].get(input_spec["name"])
             if isinstance(value, list):
                 link_id = len(links) + 1
                 source, source_slot = value
@@ -63,30 +60,37 @@ def api_to_ui(api: dict, specs: dict) -> dict:
                 links.append([link_id, int(source), source_slot, int(target), slot, out_type])
                 out_links[(source, source_slot)].append(link_id)
     link_by_target = {(l[3], l[4]): l[0] for l in links}
-    for index, node_id in enumerate(order):
-        node = api[node_id]
+    for order, (node_id, node) in enumerate(api.items()):
         spec = specs[node["class_type"]]
-        sockets = [i for i in spec["inputs"] if not _is_widget(i)]
-        inputs = [{"name": i["name"], "type": i["type"], "link": link_by_target.get((int(node_id), slot))} for slot, i in enumerate(sockets)]
+        inputs = []
+        for slot, i in enumerate(sockets_of[node_id]):
+            socket = {"name": i["name"], "type": i["type"], "link": link_by_target.get((int(node_id), slot))}
+            if _is_widget(i):
+                socket["widget"] = {"name": i["name"]}
+            inputs.append(socket)
         widgets = []
         for i in spec["inputs"]:
             if _is_widget(i) and i["name"] in node["inputs"]:
-                widgets.append(node["inputs"][i["name"]])
+                value = node["inputs"][i["name"]]
+                widgets.append(_widget_default(i) if isinstance(value, list) else value)
                 if i["control"]:
                     widgets.append("fixed")
                 if i["upload"]:
                     widgets.append("image")
         outputs = [{"name": name, "type": kind, "links": out_links.get((node_id, slot), []), "slot_index": slot} for slot, (name, kind) in enumerate(spec["outputs"])]
-        column = node_depth(node_id)
         nodes.append({
-            "id": int(node_id), "type": node["class_type"], "pos": [40 + 380 * column, 40 + 260 * rows[column]], "size": [340, 200],
-            "flags": {}, "order": index, "mode": 0, "inputs": inputs, "outputs": outputs,
+            "id": int(node_id), "type": node["class_type"], "pos": [0, 0], "size": [0, 0],
+            "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
             "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
             **({"title": node["_meta"]["title"]} if node.get("_meta", {}).get("title") else {}),
         })
-        rows[column] += 1
     return {"last_node_id": max(int(n) for n in api), "last_link_id": len(links), "nodes": nodes, "links": links,
             "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def _widget_default(input_spec: dict):
+    """The value a linked widget keeps in the UI file (the front end ignores it while the link is there)."""
+    return {"STRING": "", "INT": 0, "FLOAT": 0.0, "BOOLEAN": False}.get(input_spec["type"], "")
 
 
 def ui_to_api(ui: dict, specs: dict) -> dict:
@@ -94,6 +98,8 @@ def ui_to_api(ui: dict, specs: dict) -> dict:
     links = {l[0]: l for l in ui["links"]}
     api = {}
     for node in ui["nodes"]:
+        if node["type"] in UI_ONLY_TYPES:
+            continue
         spec = specs[node["type"]]
         inputs: dict = {}
         values = list(node.get("widgets_values", []))
