@@ -37,19 +37,63 @@ _PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 # ----------------------------------------------------------------------------- safetensors plumbing
 
 
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
+
+
+def safetensors_header(path: str | os.PathLike) -> dict | None:
+    """The JSON header of a file laid out as safetensors (8-byte little-endian length, then a JSON object), else None.
+
+    This is how a file is recognised: by parsing what it claims to be. Its first byte is the low byte of the
+    header length, so it can be anything, including 0x80 (a pickle's first byte) or "PK" (a zip's).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return None
+        length = int.from_bytes(prefix, "little")
+        if not 2 <= length <= min(size - 8, SAFETENSORS_MAX_HEADER):
+            return None
+        raw = handle.read(length)
+    if raw[:1] != b"{":
+        return None
+    try:
+        header = json.loads(raw)
+    except ValueError:  # includes UnicodeDecodeError
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _foreign_format(path: Path) -> str | None:
+    """What a file that is not safetensors looks like, if it is a format we refuse on purpose."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head == b"PK\x03\x04":
+        return "a zip archive (PyTorch's .pt/.ckpt format, which holds a pickle)"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a pickle"
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        return f"a {path.suffix.lower()} file (a pickle/PyTorch archive)"
+    return None
+
+
 def read_safetensors(path: str | os.PathLike, what: str, *, load_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors (CPU) and metadata of a safetensors file, with clear errors for the usual problems."""
+    """Tensors (CPU) and metadata of a safetensors file, with clear errors for the usual problems.
+
+    Accepts every file that parses as safetensors, whatever its name or first bytes; refuses pickle and zip
+    (PyTorch) archives by name, since opening those can execute code.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"{what}: file not found: {path}")
-    with open(path, "rb") as handle:
-        head = handle.read(16)
-    if path.suffix.lower() in _PICKLE_SUFFIXES or head[:2] == b"PK" or head[:1] == b"\x80":
-        raise FileFormatError(
-            f"{what}: {path.name} is a pickle/PyTorch archive; only .safetensors files are loaded "
-            "(pickle files can execute code when opened). Convert it to safetensors first."
-        )
-    if len(head) < 8 or int.from_bytes(head[:8], "little") > path.stat().st_size - 8:
+    if safetensors_header(path) is None:
+        foreign = _foreign_format(path)
+        if foreign:
+            raise FileFormatError(
+                f"{what}: {path.name} is {foreign}; only .safetensors files are loaded "
+                "(pickle files can execute code when opened). Convert it to safetensors first."
+            )
         raise FileFormatError(f"{what}: {path.name} is not a valid safetensors file (truncated or corrupt header)")
     try:
         tensors: dict[str, torch.Tensor] = {}
