@@ -76,6 +76,7 @@ class TrainConfig:
     sample_subjects: int = _opt(3, "Subjects (rows) in a sample grid (0 = no grids).")
     tensorboard: bool = _opt(False, "Also log to TensorBoard (needs the tensorboard package).")
     resume: bool = _opt(False, "Continue from output_dir/checkpoint.pt.")
+    overwrite: bool = _opt(False, "Start over in an output_dir that holds a run: deletes its checkpoint, metrics, exports, samples and synthetic data.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

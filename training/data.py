@@ -160,6 +160,12 @@ class SubjectFolderDataset:
             log.warning("ignored %d image(s) in folders below the subject folders of %s (first: %s): a subject is one image at the top "
                         "level or one folder of images", len(self.ignored_deeper), self.root, self.ignored_deeper[0].relative_to(self.root))
 
+    def _load(self, path: Path) -> Image.Image:
+        try:
+            return load_rgb(path)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise DataError(f"{path} could not be read ({error}); it changed after the data folder was scanned") from None
+
     def __len__(self) -> int:
         return len(self.items)
 
@@ -172,7 +178,7 @@ class SubjectFolderDataset:
     def get(self, index: int, generator: torch.Generator) -> Sample:
         subject_index, image_index = self.items[index % len(self.items)]
         subject = self.subjects[subject_index]
-        target = _square(load_rgb(subject.images[image_index]), self.resolution)
+        target = _square(self._load(subject.images[image_index]), self.resolution)
         if self.flip_prob > 0 and torch.rand((), generator=generator).item() < self.flip_prob:
             target = target.transpose(Image.FLIP_LEFT_RIGHT)
         reference_index = image_index
@@ -183,7 +189,7 @@ class SubjectFolderDataset:
         return Sample(pixels, self.reference(subject_index, reference_index), self.caption_for(subject, subject.images[image_index]), subject.subject_id)
 
     def reference(self, subject_index: int, image_index: int = 0) -> torch.Tensor:
-        image = load_rgb(self.subjects[subject_index].images[image_index])
+        image = self._load(self.subjects[subject_index].images[image_index])
         if max(image.size) > MAX_REFERENCE_SIDE:
             image.thumbnail((MAX_REFERENCE_SIDE, MAX_REFERENCE_SIDE), Image.BICUBIC)
         return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
