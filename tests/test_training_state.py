@@ -187,3 +187,27 @@ def test_sigterm_to_a_training_process_saves_a_checkpoint_and_exits_143(tmp_path
     assert "interrupted (SIGTERM)" in output and "continue with --resume" in output
     label = checkpoint(tmp_path)["step"]
     assert label > 0 and metrics(tmp_path)[-1]["step"] == label
+
+
+def test_an_image_damaged_mid_run_saves_a_checkpoint_and_names_the_file(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for index, colour in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200)]):
+        Image.new("RGB", (64, 64), colour).save(data / f"subject{index}.png")
+    original = train_module.write_metrics
+
+    def damage_after_step_1(path, record):
+        original(path, record)
+        if record["step"] == 1:
+            for image in data.glob("*.png"):
+                image.write_bytes(b"\x89PNG damaged")
+
+    monkeypatch.setattr(train_module, "write_metrics", damage_after_step_1)
+    with pytest.raises(SystemExit) as exit_info:
+        train(tmp_path / "run", "--data", str(data), "--max-steps", "4", "--sample-subjects", "0")
+    assert exit_info.value.code == 1
+    output = capsys.readouterr().out
+    assert "could not be read" in output and "changed after the data folder was scanned" in output and "checkpoint at step 1" in output
+    assert checkpoint(tmp_path / "run")["step"] == 1
