@@ -12,7 +12,9 @@ import gzip
 import hashlib
 import json
 import os
-import tempfile
+import re
+import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,19 +53,63 @@ def comfyui_install_hint(hypernet_path: str | os.PathLike, base_arch: str) -> st
 # ----------------------------------------------------------------------------- safetensors plumbing
 
 
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
+
+
+def safetensors_header(path: str | os.PathLike) -> dict | None:
+    """The JSON header of a file laid out as safetensors (8-byte little-endian length, then a JSON object), else None.
+
+    This is how a file is recognised: by parsing what it claims to be. Its first byte is the low byte of the
+    header length, so it can be anything, including 0x80 (a pickle's first byte) or "PK" (a zip's).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return None
+        length = int.from_bytes(prefix, "little")
+        if not 2 <= length <= min(size - 8, SAFETENSORS_MAX_HEADER):
+            return None
+        raw = handle.read(length)
+    if raw[:1] != b"{":
+        return None
+    try:
+        header = json.loads(raw)
+    except ValueError:  # includes UnicodeDecodeError
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _foreign_format(path: Path) -> str | None:
+    """What a file that is not safetensors looks like, if it is a format we refuse on purpose."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head == b"PK\x03\x04":
+        return "a zip archive (PyTorch's .pt/.ckpt format, which holds a pickle)"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a pickle"
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        return f"a {path.suffix.lower()} file (a pickle/PyTorch archive)"
+    return None
+
+
 def read_safetensors(path: str | os.PathLike, what: str, *, load_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors (CPU) and metadata of a safetensors file, with clear errors for the usual problems."""
+    """Tensors (CPU) and metadata of a safetensors file, with clear errors for the usual problems.
+
+    Accepts every file that parses as safetensors, whatever its name or first bytes; refuses pickle and zip
+    (PyTorch) archives by name, since opening those can execute code.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"{what}: file not found: {path}")
-    with open(path, "rb") as handle:
-        head = handle.read(16)
-    if path.suffix.lower() in _PICKLE_SUFFIXES or head[:2] == b"PK" or head[:1] == b"\x80":
-        raise FileFormatError(
-            f"{what}: {path.name} is a pickle/PyTorch archive; only .safetensors files are loaded "
-            "(pickle files can execute code when opened). Convert it to safetensors first."
-        )
-    if len(head) < 8 or int.from_bytes(head[:8], "little") > path.stat().st_size - 8:
+    if safetensors_header(path) is None:
+        foreign = _foreign_format(path)
+        if foreign:
+            raise FileFormatError(
+                f"{what}: {path.name} is {foreign}; only .safetensors files are loaded "
+                "(pickle files can execute code when opened). Convert it to safetensors first."
+            )
         raise FileFormatError(f"{what}: {path.name} is not a valid safetensors file (truncated or corrupt header)")
     try:
         tensors: dict[str, torch.Tensor] = {}
@@ -80,19 +126,92 @@ def read_safetensors(path: str | os.PathLike, what: str, *, load_tensors: bool =
     return tensors, metadata
 
 
+def _new_temporary(path: Path) -> Path:
+    """A new empty file beside ``path``, created as a plain ``open()`` would (mode 0666 less the umask)."""
+    while True:
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return candidate
+        except FileExistsError:
+            continue
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(temporary_path)`` on a file beside ``path``, then rename it into place."""
+    """Call ``write(temporary_path)`` on a file beside ``path``, then rename it into place.
+
+    The file gets the mode of the file it replaces, else the umask's default (never the 0600 of a
+    ``mkstemp`` file, which a ComfyUI running as another user could not read). A symlink is written
+    through: its target is replaced, the link stays.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _new_temporary(target)
     try:
-        write(temporary)
-        os.replace(temporary, path)
+        mode = stat.S_IMODE(temporary.stat().st_mode)  # 0666 less the umask, read without changing the umask
+        write(str(temporary))
+        if target.exists():
+            mode = stat.S_IMODE(target.stat().st_mode)
+        os.chmod(temporary, mode)  # writers may recreate the file (safetensors writes 0600)
+        os.replace(temporary, target)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return path
+
+
+_TEMPORARY_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # ours, and the mkstemp names earlier versions left
+
+
+def remove_orphan_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed atomic writes left in ``folder`` (not its sub-folders)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = [path for path in folder.glob(".*.tmp") if _TEMPORARY_NAME.match(path.name) and path.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def save_to_free_name(folder: str | os.PathLike, prefix: str, suffix: str, save) -> Path:
+    """``save(path)`` once, under the first free name ``<folder>/<prefix>_NNNNN<suffix>``; never overwrites.
+
+    The file is written completely under a temporary name, then given the free name with an operation
+    that fails if the name exists (a hard link, else an O_EXCL placeholder), so two saves at once (two
+    ComfyUI queues, two processes) get two names and each file is whole.
+    """
+    first = Path(folder) / f"{prefix}_00001{suffix}"
+    first.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _new_temporary(first)
+    try:
+        save(temporary)
+        counter = 1
+        while True:
+            path = Path(folder) / f"{prefix}_{counter:05d}{suffix}"
+            if not os.path.lexists(path):
+                try:
+                    _claim(temporary, path)
+                    return path
+                except FileExistsError:
+                    pass
+            counter += 1
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _claim(source: Path, path: Path) -> None:
+    """Give ``source``'s content the name ``path``, failing with FileExistsError if the name is taken."""
+    try:
+        os.link(source, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links (FAT, some network shares): reserve the name, then replace
+        pass
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    os.replace(source, path)
 
 
 def write_safetensors_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike) -> Path:
@@ -112,7 +231,7 @@ def _check_format(metadata: dict[str, str], expected: str, what: str, path: Path
     found = metadata.get("format")
     if found != expected:
         kind = found or _guess_kind(keys)
-        raise FileFormatError(f"{what}: {path.name} is not a {expected.replace('_', ' ')} file (it looks like {kind})")
+        raise FileFormatError(f"{what}: {path.name} is not a {expected.replace('_', ' ')} file (it looks like {kind}); its metadata field 'format' is {found!r}")
     try:
         version = int(metadata.get("format_version", ""))
     except ValueError:
@@ -153,15 +272,15 @@ def _require_finite(tensors: dict[str, torch.Tensor], what: str, path: Path) -> 
 def _targets_from_metadata(metadata: dict[str, str], what: str, path: Path) -> list[TargetLayer]:
     raw = metadata.get("targets")
     if raw is None:
-        raise FileFormatError(f"{what}: {path.name} does not list its target layers")
+        raise FileFormatError(f"{what}: {path.name} does not list its target layers (metadata field 'targets' is missing)")
     try:
         if raw.startswith("gz:"):
             raw = gzip.decompress(base64.b64decode(raw[3:])).decode()
         layers = targets_from_json(raw)
     except Exception as error:
-        raise FileFormatError(f"{what}: {path.name} has an unreadable target list") from error
+        raise FileFormatError(f"{what}: {path.name} has an unreadable target list in metadata field 'targets'") from error
     if targets_hash(layers) != metadata.get("targets_sha256"):
-        raise FileFormatError(f"{what}: {path.name}: the target list does not match its checksum; the file was altered")
+        raise FileFormatError(f"{what}: {path.name}: the target list (metadata field 'targets') does not match its checksum ('targets_sha256'); the file was altered")
     return layers
 
 
@@ -213,21 +332,56 @@ def read_hypernet_info(path: str | os.PathLike) -> HyperNetInfo:
     _check_format(metadata, HYPERNET_FORMAT, what, path, list(tensors))
     try:
         config = HyperNetConfig.from_dict(_json(metadata, "config", what, path))
-    except (TypeError, KeyError, HyperNetError) as error:
-        raise FileFormatError(f"{what}: {path.name} has an invalid config ({error})") from error
+    except HyperNetError as error:
+        raise FileFormatError(f"{what}: {path.name} has an invalid metadata field 'config': {error}") from error
     return HyperNetInfo(
         path=path,
         config=config,
         layers=_targets_from_metadata(metadata, what, path),
         base_arch=metadata.get("base_arch", "unknown"),
-        provenance=_json(metadata, "provenance", what, path) if "provenance" in metadata else {},
+        provenance=_provenance(metadata, what, path),
         format_version=int(metadata["format_version"]),
     )
+
+
+def _provenance(metadata: dict[str, str], what: str, path: Path) -> dict:
+    provenance = _json(metadata, "provenance", what, path) if "provenance" in metadata else {}
+    if not isinstance(provenance, dict):
+        raise FileFormatError(f"{what}: {path.name} has an invalid metadata field 'provenance' (not a JSON object)")
+    return provenance
+
+
+def _check_config_against_shapes(info: HyperNetInfo, shapes: dict[str, list[int]], what: str) -> None:
+    """Compare the config with the stored tensors' shapes before building anything, so a damaged config
+    (say a width of 10^9) is refused by name instead of allocating what it implies."""
+    config, layers = info.config, info.layers
+    if config.output == "lidb":
+        predicted = sum(config.lidb.trainables_per_layer(layer) for layer in layers)
+    else:
+        predicted = sum(config.lora_rank * (layer.in_features + layer.out_features) for layer in layers)
+    expected = {
+        "feature_proj.weight": ([config.width, config.features.dim], "width, features.dim"),
+        "feature_pos": ([config.features.tokens, config.width], "features.tokens, width"),
+        "layer_pos": ([len(layers), config.width], "width"),
+        "offset": ([predicted], "output, lidb (rank, a, b) or lora_rank"),
+        "decoder.layers.0.linear1.weight": ([int(config.width * config.mlp_ratio), config.width], "width, mlp_ratio"),
+    }
+    if config.token_embedding_dim:
+        expected["token_head.weight"] = ([config.token_embedding_dim, config.width], "token_embedding_dim")
+    for key, (shape, fields) in expected.items():
+        if shapes.get(key) != shape:
+            found = f"holds {shapes[key]}" if key in shapes else "lacks it"
+            raise FileFormatError(f"{what}: {info.path.name} does not match its own config: fields {fields} imply tensor {key} of shape {shape}, the file {found}")
+    depth = len({key.split(".")[2] for key in shapes if key.startswith("decoder.layers.")})
+    if depth != config.depth:
+        raise FileFormatError(f"{what}: {info.path.name} does not match its own config: field depth is {config.depth}, the file holds {depth} decoder layers")
 
 
 def load_hypernet(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[HyperNetwork, HyperNetInfo]:
     info = read_hypernet_info(path)
     what = "hypernetwork"
+    header = safetensors_header(info.path) or {}
+    _check_config_against_shapes(info, {k: v.get("shape") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}, what)
     tensors, metadata = read_safetensors(info.path, what)
     _require_finite(tensors, what, info.path)
     hypernet = HyperNetwork(info.config, info.layers)
@@ -245,7 +399,7 @@ def load_hypernet(path: str | os.PathLike, device: str | torch.device = "cpu") -
     hypernet.load_state_dict(tensors)
     if hypernet.basis is not None and not info.config.lidb.learned_aux:
         if "lidb_aux_sha256" not in metadata:
-            raise FileFormatError(f"{what}: {info.path.name} lacks the LiDB aux-basis checksum")
+            raise FileFormatError(f"{what}: {info.path.name} lacks the LiDB aux-basis checksum (metadata field 'lidb_aux_sha256')")
         hypernet.basis.verify(metadata["lidb_aux_sha256"], f"{what} {info.path.name}")
     return hypernet.to(device).eval(), info
 
@@ -267,8 +421,14 @@ def lora_to_kohya(lora: LoraWeights, dtype: torch.dtype = torch.float32) -> dict
 
 
 def kohya_to_lora(state: dict[str, torch.Tensor], what: str = "LoRA") -> LoraWeights:
-    """Parse kohya keys back into factors, folding ``alpha / rank`` into ``up``."""
+    """Parse kohya keys back into factors, folding ``alpha / rank`` into ``up``.
+
+    A missing alpha, or an alpha of 0, means alpha = rank (scale 1), as kohya's own loader reads it.
+    """
     down, up = {}, {}
+    for key in state:
+        if key.endswith(".lora_up.weight") and key[: -len(".lora_up.weight")] + ".lora_down.weight" not in state:
+            raise FileFormatError(f"{what}: {key[: -len('.lora_up.weight')]} has an up factor but no down factor")
     for key, tensor in state.items():
         if key.endswith(".lora_down.weight"):
             name = key[: -len(".lora_down.weight")]
@@ -279,7 +439,15 @@ def kohya_to_lora(state: dict[str, torch.Tensor], what: str = "LoRA") -> LoraWei
             if down_tensor.dim() != 2 or up_tensor.dim() != 2:
                 raise FileFormatError(f"{what}: {name} is not a linear-layer LoRA (conv LoRAs are not supported)")
             rank = down_tensor.shape[0]
-            alpha = float(state[f"{name}.alpha"]) if f"{name}.alpha" in state else float(rank)
+            if rank == 0 or up_tensor.shape[1] != rank:
+                raise FileFormatError(f"{what}: {name} has factors of shapes {tuple(up_tensor.shape)} (up) and {tuple(down_tensor.shape)} (down), "
+                                      "which do not form a LoRA of rank >= 1")
+            alpha = float(rank)
+            if f"{name}.alpha" in state:
+                stored = state[f"{name}.alpha"]
+                if stored.numel() != 1:
+                    raise FileFormatError(f"{what}: {name}.alpha should be one number, it holds {stored.numel()}")
+                alpha = float(stored) or float(rank)
             down[name] = down_tensor
             up[name] = up_tensor * (alpha / rank)
     if not down:
@@ -365,12 +533,17 @@ def load_compact_subject_lora(path: str | os.PathLike) -> tuple[dict[str, torch.
     _check_format(metadata, COMPACT_LORA_FORMAT, what, path, list(tensors))
     _require_finite(tensors, what, path)
     layers = _targets_from_metadata(metadata, what, path)
-    config = LidbConfig.from_dict(_json(metadata, "lidb", what, path))
+    try:
+        config = LidbConfig.from_dict(_json(metadata, "lidb", what, path))
+    except HyperNetError as error:
+        raise FileFormatError(f"{what}: {path.name} has an invalid metadata field 'lidb': {error}") from error
     basis = LidbBasis(layers, config)
     basis.verify(metadata.get("lidb_aux_sha256", ""), f"{what} {path.name}")
     flat = tensors.get("lidb_trainables")
     if flat is None or flat.dim() != 1 or flat.numel() != basis.num_trainables():
-        raise FileFormatError(f"{what}: {path.name} should hold {basis.num_trainables()} LiDB numbers")
+        found = "none" if flat is None else tuple(flat.shape)
+        raise FileFormatError(f"{what}: {path.name} should hold {basis.num_trainables()} LiDB numbers as its metadata field 'lidb' "
+                              f"(rank {config.rank}, a {config.a}, b {config.b}) implies; tensor lidb_trainables has shape {found}")
     sizes = [config.trainables_per_layer(layer) for layer in layers]
     trainables = {layer.name: chunk for layer, chunk in zip(layers, torch.split(flat, sizes))}
     return trainables, basis, metadata

@@ -15,18 +15,19 @@ with zero gradient.)
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from .errors import FeatureError, HyperNetError
+from .errors import FeatureError, HyperNetError, require_int, require_number
 from .lidb import LidbBasis, LidbConfig
 from .lora import LoraWeights
 from .targets import TargetLayer
 
 HIDDEN_STATES = ("last_hidden_state", "penultimate_hidden_states", "image_embeds")
+MAX_ITERATIONS = 100  # refinement rounds; HyperDreamBooth uses 4. A damaged file must not make a prediction hang
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,12 @@ class FeatureSpec:
     encoder: str = ""
 
     def __post_init__(self) -> None:
+        for name in ("dim", "tokens", "image_size"):
+            require_int(f"features.{name}", getattr(self, name), 1)
         if self.hidden_state not in HIDDEN_STATES:
-            raise HyperNetError(f"hidden_state must be one of {HIDDEN_STATES}, not {self.hidden_state!r}")
+            raise HyperNetError(f"features.hidden_state must be one of {HIDDEN_STATES}, not {self.hidden_state!r}")
+        if not isinstance(self.encoder, str):
+            raise HyperNetError(f"features.encoder must be a string, not {self.encoder!r}")
 
 
 @dataclass(frozen=True)
@@ -63,12 +68,20 @@ class HyperNetConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.features, FeatureSpec) or not isinstance(self.lidb, LidbConfig):
+            raise HyperNetError("features must be a FeatureSpec and lidb a LidbConfig")
+        for name, minimum in (("width", 1), ("depth", 1), ("heads", 1), ("iterations", 1), ("lora_rank", 1), ("token_embedding_dim", 0)):
+            require_int(name, getattr(self, name), minimum)
+        if self.iterations > MAX_ITERATIONS:
+            raise HyperNetError(f"iterations must be <= {MAX_ITERATIONS} (each is a decoder pass per prediction), not {self.iterations}")
+        require_number("mlp_ratio", self.mlp_ratio, 0, math.inf, low_inclusive=False)
+        require_number("dropout", self.dropout, 0, 1, high_inclusive=False)
         if self.output not in ("lidb", "lora"):
             raise HyperNetError(f"output must be 'lidb' or 'lora', not {self.output!r}")
         if self.width % self.heads:
             raise HyperNetError(f"width {self.width} is not divisible by heads {self.heads}")
-        if self.iterations < 1:
-            raise HyperNetError("iterations must be >= 1")
+        if int(self.width * self.mlp_ratio) < 1:
+            raise HyperNetError(f"mlp_ratio {self.mlp_ratio} gives an empty feed-forward layer at width {self.width}")
 
     @property
     def rank(self) -> int:
@@ -79,6 +92,18 @@ class HyperNetConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "HyperNetConfig":
+        """The config a file stores; :class:`HyperNetError` names the first missing, unknown or invalid field."""
+        if not isinstance(data, dict):
+            raise HyperNetError(f"the config must be a JSON object, not {type(data).__name__}")
+        if not isinstance(data.get("features"), dict):
+            raise HyperNetError("features must be a JSON object (dim, tokens, hidden_state, image_size, encoder)")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known) or sorted(set(data["features"]) - {f.name for f in fields(FeatureSpec)})
+        if unknown:
+            raise HyperNetError(f"unknown config field(s) {', '.join(unknown)}")
+        missing = [f"features.{name}" for name in ("dim", "tokens") if name not in data["features"]]
+        if missing:
+            raise HyperNetError(f"config field {missing[0]} is missing")
         data = dict(data)
         data["features"] = FeatureSpec(**data["features"])
         data["lidb"] = LidbConfig.from_dict(data.get("lidb", {}))

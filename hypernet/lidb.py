@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import FileFormatError
+from .errors import FileFormatError, HyperNetError, require_int
 from .lora import LoraWeights
 from .targets import TargetLayer
 
@@ -48,11 +48,19 @@ class LidbConfig:
     seed: int = 0
     learned_aux: bool = False
 
+    def __post_init__(self) -> None:
+        for name, minimum in (("rank", 1), ("a", 1), ("b", 1), ("seed", None)):
+            require_int(f"lidb.{name}", getattr(self, name), minimum)
+        if not isinstance(self.learned_aux, bool):
+            raise HyperNetError(f"lidb.learned_aux must be true or false, not {self.learned_aux!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "LidbConfig":
+        if not isinstance(data, dict):
+            raise HyperNetError(f"lidb must be a JSON object, not {data!r}")
         return cls(**{k: data[k] for k in ("rank", "a", "b", "seed", "learned_aux") if k in data})
 
     def layer_dims(self, layer: TargetLayer) -> tuple[int, int]:
@@ -199,7 +207,7 @@ class LidbBasis(nn.Module):
         actual = self.checksum()
         if actual != expected_checksum:
             raise FileFormatError(
-                f"{what}: the LiDB aux bases rebuilt from seed {self.config.seed} do not match the file "
-                f"(checksum {actual[:12]} != {expected_checksum[:12]}); the file was made by an incompatible "
-                "version or has been altered"
+                f"{what}: the LiDB aux bases rebuilt from seed {self.config.seed} (a {self.config.a}, b {self.config.b}) do not "
+                f"match the file (checksum {actual[:12]} != {expected_checksum[:12]} in metadata field 'lidb_aux_sha256'); "
+                "the file was made by an incompatible version or has been altered (metadata fields 'lidb', 'config')"
             )

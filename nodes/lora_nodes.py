@@ -6,19 +6,15 @@ import os
 
 import folder_paths
 
-from ..hypernet.files import save_subject_lora, write_safetensors_atomic
+from ..hypernet.files import save_to_free_name, write_safetensors_atomic
 from .comfy_bridge import CATEGORY, SUBJECT_LORA_FOLDER, apply_lora_model
 
 
-def _free_path(folder: str, prefix: str, suffix: str) -> str:
-    """``<folder>/<prefix>_00001<suffix>``, the first number not taken (never overwrites)."""
+def _checked_prefix(prefix: str) -> str:
     prefix = prefix.strip().replace("\\", "/")
     if not prefix or prefix.startswith("/") or ".." in prefix.split("/"):
         raise ValueError(f"invalid filename prefix {prefix!r}: use a plain name, optionally with sub-folders")
-    counter = 1
-    while os.path.exists(path := os.path.join(folder, f"{prefix}_{counter:05d}{suffix}")):
-        counter += 1
-    return path
+    return prefix
 
 
 class SaveSubjectLora:
@@ -45,18 +41,18 @@ class SaveSubjectLora:
     CATEGORY = f"{CATEGORY}/lora"
 
     def save(self, subject_lora, filename_prefix, save_compact):
+        # <prefix>_00001.safetensors, the first number not taken; safe against two saves at once
         loras_dir = folder_paths.get_folder_paths("loras")[0]
-        path = _free_path(loras_dir, filename_prefix, ".safetensors")
+        prefix = _checked_prefix(filename_prefix)
         subject = getattr(subject_lora, "subject", None)
-        written = []
         if subject is not None:
-            written.append(subject.save(path))
+            written = [save_to_free_name(loras_dir, prefix, ".safetensors", subject.save)]
             if save_compact and subject.can_save_compact:
                 compact_dir = folder_paths.get_folder_paths(SUBJECT_LORA_FOLDER)[0]
-                written.append(subject.save_compact(_free_path(compact_dir, filename_prefix, ".compact.safetensors")))
+                written.append(save_to_free_name(compact_dir, prefix, ".compact.safetensors", subject.save_compact))
         else:  # a LORA_MODEL from elsewhere: write its kohya dict as is
-            written.append(write_safetensors_atomic(dict(subject_lora), {"format": "kohya"}, path))
-        name = os.path.relpath(path, loras_dir)
+            written = [save_to_free_name(loras_dir, prefix, ".safetensors", lambda path: write_safetensors_atomic(dict(subject_lora), {"format": "kohya"}, path))]
+        name = os.path.relpath(written[0], loras_dir)
         return {"ui": {"text": [str(p) for p in written]}, "result": (name,)}
 
 

@@ -253,6 +253,23 @@ with torch.no_grad():
 result["backbone"] = {"unet": float((ours_unet - theirs_unet).abs().max()), "unet_scale": float(theirs_unet.abs().max()),
                       "text": float((ours_text - theirs_text).abs().max()), "text_scale": float(theirs_text.abs().max()),
                       "latent": float((ours_latent - theirs_latent).abs().max()), "latent_scale": float(theirs_latent.abs().max())}
+
+# Save Subject LoRA: two saves at once (two queues, two tabs) must get two names, each file whole
+import os, threading
+from safetensors.torch import load_file
+saver, barrier, saved = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_SaveSubjectLora"](), threading.Barrier(2), {}
+
+def save_one(value):
+    lora = {f"lora_unet_x{i}.lora_down.weight": torch.full((64, 65536), float(value)) for i in range(2)}  # 32 MB: the writes overlap
+    barrier.wait(timeout=60)
+    saved[value] = saver.save(lora, "concurrent/subject", False)["result"][0]
+
+threads = [threading.Thread(target=save_one, args=(value,)) for value in (1, 2)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+loras_dir = folder_paths.get_folder_paths("loras")[0]
+result["concurrent_saves"] = {str(value): [name, float(load_file(os.path.join(loras_dir, name))["lora_unet_x1.lora_down.weight"][-1, -1])]
+                              for value, name in saved.items()}
 """ + NODE_SPECS_CODE + """
 result["node_specs"] = node_specs
 """
@@ -309,3 +326,10 @@ def test_training_backbone_computes_what_comfyui_computes_for_the_same_checkpoin
     for part in ("unet", "text", "latent"):
         assert parity[part] <= 1e-4 * max(1.0, parity[f"{part}_scale"]), parity
         assert parity[f"{part}_scale"] > 1e-3  # not a comparison of zeros
+
+
+def test_two_saves_at_once_get_two_names_and_whole_files(comfy_run):
+    assert "code_error" not in comfy_run["report"], comfy_run["report"].get("code_error")
+    saves = comfy_run["report"]["code_result"]["concurrent_saves"]
+    assert sorted(name for name, _ in saves.values()) == ["concurrent/subject_00001.safetensors", "concurrent/subject_00002.safetensors"]
+    assert {value for _, value in saves.values()} == {1.0, 2.0}  # neither overwrote the other

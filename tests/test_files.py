@@ -197,3 +197,171 @@ def test_compact_form_refused_for_learned_aux(setup, tmp_path):
     assert not subject.can_save_compact
     with pytest.raises(ValueError, match="learned its own"):
         subject.save_compact(tmp_path / "c.safetensors")
+
+
+# ----------------------------------------------------------------------------- damaged metadata
+
+BAD_VALUES = [None, 0, -1, "x", [], 1.5, True, 10**9]  # None: the field is removed
+
+
+def _damaged_variants(metadata: dict[str, str]):
+    """(field, damaged metadata) for every metadata field and, in JSON fields, every nested field."""
+    for key in metadata:
+        for bad in [None, "", "null", "0", "[]", '"x"', "1e999", "abc{"]:
+            damaged = dict(metadata)
+            if bad is None:
+                damaged.pop(key)
+            else:
+                damaged[key] = bad
+            yield key, key, damaged
+        try:
+            parsed = json.loads(metadata[key])
+        except ValueError:
+            continue
+        stack = [((), parsed)] if isinstance(parsed, dict) else []
+        while stack:
+            trail, node = stack.pop()
+            for sub, value in node.items():
+                if isinstance(value, dict):
+                    stack.append((trail + (sub,), value))
+                for bad in BAD_VALUES:
+                    copy = json.loads(metadata[key])
+                    leaf = copy
+                    for part in trail:
+                        leaf = leaf[part]
+                    if bad is None:
+                        leaf.pop(sub)
+                    else:
+                        leaf[sub] = bad
+                    yield key, sub, {**metadata, key: json.dumps(copy)}
+
+
+@pytest.mark.parametrize("kind", ["hypernetwork", "compact subject LoRA", "standard subject LoRA"])
+def test_damaged_metadata_raises_file_format_error_naming_file_and_field(setup, tmp_path, kind):
+    hypernet, _, _, _, hypernet_path = setup
+    subject = predict_subject_lora(hypernet, features(), base_arch="sd15")
+    source, load = {
+        "hypernetwork": (hypernet_path, load_hypernet),
+        "compact subject LoRA": (subject.save_compact(tmp_path / "c.safetensors"), files.load_compact_subject_lora),
+        "standard subject LoRA": (subject.save(tmp_path / "s.safetensors"), load_subject_lora),
+    }[kind]
+    tensors, metadata = load_file(source), files.read_safetensors(source, "test")[1]
+    tried = refused = 0
+    for key, field, damaged in _damaged_variants(metadata):
+        path = tmp_path / "damaged.safetensors"
+        save_file(tensors, path, metadata=damaged)
+        tried += 1
+        try:
+            load(path)
+        except FileFormatError as error:  # anything else (ZeroDivisionError, TypeError, KeyError, ...) fails the test
+            refused += 1
+            message = str(error)
+            assert path.name in message and (field in message or key in message), (key, field, damaged[key] if key in damaged else None, message)
+    # most damage to the two formats of our own is detected; the standard (kohya) LoRA's metadata is informational
+    assert tried > 40 and (refused > tried // 3 if kind != "standard subject LoRA" else refused == 0)
+
+
+def test_huge_sizes_in_damaged_config_are_refused_before_allocating(setup, tmp_path):
+    hypernet, _, _, _, path = setup
+    config = hypernet.config.to_dict()
+    for field, value in (("width", 2**20), ("depth", 10**6), ("token_embedding_dim", 10**9), ("iterations", 10**9)):
+        damaged = rewrite(path, tmp_path / f"{field}.safetensors", {"config": json.dumps({**config, field: value})})
+        with pytest.raises(FileFormatError, match=f"{damaged.name}.*{field}"):
+            load_hypernet(damaged)
+
+
+def test_damaged_lora_tensors_are_refused_and_alpha_zero_means_alpha_equals_rank(setup, tmp_path):
+    hypernet, _, _, _, _ = setup
+    subject = predict_subject_lora(hypernet, features(), base_arch="sd15")
+    path = subject.save(tmp_path / "s.safetensors")
+    state, name = load_file(path), subject.lora.names[0]
+    assert subject.lora.up[name].abs().sum() > 0
+    cases = {
+        "alpha_zero": {f"{name}.alpha": torch.tensor(0.0)},
+        "alpha_half": {f"{name}.alpha": torch.tensor(0.5 * subject.lora.rank(name))},
+        "alpha_vector": {f"{name}.alpha": torch.ones(2)},
+        "rank_zero": {f"{name}.lora_down.weight": state[f"{name}.lora_down.weight"][:0], f"{name}.lora_up.weight": state[f"{name}.lora_up.weight"][:, :0]},
+        "ranks_differ": {f"{name}.lora_up.weight": torch.cat([state[f"{name}.lora_up.weight"]] * 2, dim=1)},
+    }
+    loaded = {}
+    for case, update in cases.items():
+        save_file({**state, **update}, tmp_path / f"{case}.safetensors")
+        try:
+            loaded[case] = load_subject_lora(tmp_path / f"{case}.safetensors")[0]
+        except FileFormatError as error:
+            loaded[case] = str(error)
+    assert torch.equal(loaded["alpha_zero"].up[name], subject.lora.up[name])  # kohya: alpha 0 -> alpha = rank, scale 1
+    assert torch.equal(loaded["alpha_half"].up[name], subject.lora.up[name] * 0.5)
+    assert f"{name}.alpha should be one number" in loaded["alpha_vector"]
+    assert "do not form a LoRA of rank >= 1" in loaded["rank_zero"] and "do not form a LoRA of rank >= 1" in loaded["ranks_differ"]
+    del state[f"{name}.lora_down.weight"]
+    save_file(state, tmp_path / "up_only.safetensors")
+    with pytest.raises(FileFormatError, match="has an up factor but no down factor"):
+        load_subject_lora(tmp_path / "up_only.safetensors")
+
+
+# ----------------------------------------------------------------------------- how files are written
+
+def test_exports_respect_the_umask_and_keep_an_existing_files_mode(setup, tmp_path):
+    hypernet, _, _, _, _ = setup
+    old = os.umask(0o022)
+    try:
+        fresh = save_hypernet(tmp_path / "fresh.safetensors", hypernet, base_arch="sd15")
+        assert fresh.stat().st_mode & 0o777 == 0o644  # readable by a ComfyUI running as another user
+        os.umask(0o077)
+        assert save_hypernet(tmp_path / "private.safetensors", hypernet, base_arch="sd15").stat().st_mode & 0o777 == 0o600
+        fresh.chmod(0o664)
+        save_hypernet(fresh, hypernet, base_arch="sd15")  # overwriting keeps the file's own mode
+        assert fresh.stat().st_mode & 0o777 == 0o664
+    finally:
+        os.umask(old)
+
+
+def test_writing_to_a_symlinked_path_writes_through_the_link(setup, tmp_path):
+    hypernet, _, _, _, _ = setup
+    tmp_path = tmp_path / "links"
+    (tmp_path / "store").mkdir(parents=True)
+    target = tmp_path / "store" / "real.safetensors"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(target)
+    save_hypernet(link, hypernet, base_arch="sd15")
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    load_hypernet(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.safetensors", "store"]
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["real.safetensors"]
+
+
+def test_two_saves_at_once_get_two_free_names_and_whole_files(tmp_path):
+    import threading
+
+    barrier = threading.Barrier(2)
+    results = {}
+
+    def save(label):
+        def write(path):
+            barrier.wait(timeout=30)  # both saves are mid-write before either takes a name
+            files.write_safetensors_atomic({"w": torch.full((4,), float(label))}, {}, path)
+
+        results[label] = files.save_to_free_name(tmp_path, "people/subject", ".safetensors", write)
+
+    threads = [threading.Thread(target=save, args=(label,)) for label in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(p.name for p in results.values()) == ["subject_00001.safetensors", "subject_00002.safetensors"]
+    assert {float(load_file(p)["w"][0]) for p in results.values()} == {1.0, 2.0}
+    assert sorted(p.name for p in (tmp_path / "people").iterdir()) == ["subject_00001.safetensors", "subject_00002.safetensors"]
+    # a taken name is never overwritten, and a failed save leaves nothing behind
+    with pytest.raises(OSError, match="disk full"):
+        files.save_to_free_name(tmp_path, "people/subject", ".safetensors", lambda path: (_ for _ in ()).throw(OSError("disk full")))
+    assert len(list((tmp_path / "people").iterdir())) == 2
+
+
+def test_orphan_temporary_files_are_removed_and_nothing_else(tmp_path):
+    for name in (".checkpoint.pt.a1b2c3d4.tmp", ".hypernet.safetensors.k_9x2mzq.tmp", "keep.tmp", ".notes.tmp", "checkpoint.pt"):
+        (tmp_path / name).write_bytes(b"x")
+    removed = files.remove_orphan_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == [".checkpoint.pt.a1b2c3d4.tmp", ".hypernet.safetensors.k_9x2mzq.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp", "checkpoint.pt", "keep.tmp"]

@@ -1,4 +1,4 @@
-"""The toy-world study's pipeline end to end in --quick mode (checks the pipeline, not the numbers)."""
+"""The toy world's commands end to end in --quick mode: the pretraining and the study (pipelines, not numbers)."""
 
 import json
 import os
@@ -7,20 +7,51 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+SUMMARY_KEYS = {"reader_identity_accuracy", "described_ceiling", "base_subject", "base_prompt", "hypernet_subject", "hypernet_prompt",
+                "hypernet_vs_base_diff", "hypernet_vs_base_se", "hypernet_train_subjects_subject", "hypernet_finetune40_subject",
+                "scratch400_subject", "heldout_subjects", "seeds", "minutes"}
+
+
+def python(*args, timeout=900):
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_quick_pretraining_writes_a_world_the_trainer_and_the_study_load(tmp_path):
+    out = tmp_path / "world"
+    python("-m", "experiments.pretrain", "--out", str(out), "--quick")
+    for path in ("base/model_index.json", "base/unet/config.json", "base/vae/config.json", "base/text_encoder/config.json",
+                 "image_encoder/config.json", "reader.safetensors", "pretrain.json"):
+        assert (out / path).exists(), path
+    record = json.loads((out / "pretrain.json").read_text())
+    assert set(record["timings_s"]) == {"render_s", "vae_s", "vae_refine_s", "encode_s", "reader_s", "clip_s", "unet_s"}
+    from experiments.study_eval import World
+
+    world = World.load(str(out))
+    assert world.backbone.unet.config.cross_attention_dim == world.backbone.text_encoder.config.hidden_size
 
 
 def test_quick_study_runs_every_stage_and_writes_its_report(tmp_path):
     docs = tmp_path / "docs"
-    result = subprocess.run([sys.executable, "-m", "experiments.study", "--out", str(tmp_path / "study"), "--quick", "--docs", str(docs)],
-                            cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    python("-m", "experiments.study", "--out", str(tmp_path / "study"), "--quick", "--docs", str(docs))
     report = (docs / "study_quick.md").read_text()
-    for method in ("base model", "hypernet (L2 reg)", "hypernet (no reg)", "hypernet + HM-CFG s=2", "hypernet + finetune 4", "LoRA from scratch 8"):
-        assert f"| {method}" in report, method
-    results = json.loads((tmp_path / "study" / "results.json").read_text())
-    summary = results["results"]["summary"]
-    assert all(0.0 <= v["subject"][0] <= 1.0 and 0.0 <= v["prompt"][0] <= 1.0 for v in summary.values())
-    assert set(results["reader_accuracy"]) == {"shape", "primary", "secondary", "pattern", "marking", "background", "position", "scale"}
-    # the pretrained toy base model and image encoder load with the training package's own loaders
-    assert (tmp_path / "study" / "base" / "model_index.json").exists() and (tmp_path / "study" / "image_encoder" / "config.json").exists()
-    assert (tmp_path / "study" / "examples.png").stat().st_size > 0 and (tmp_path / "study" / "fidelity.png").stat().st_size > 0
+    for method in ("base model", "described (base model, identity in words)", "hypernet", "hypernet (no L2)", "hypernet (weight-space loss)",
+                   "hypernet (word embedding)", "hypernet (word embedding + NN loss)", "hypernet + HM-CFG s=2", "hypernet + finetune 2",
+                   "LoRA from scratch 4", "hypernet, another subject's LoRA", "hypernet on training subjects"):
+        assert f"| {method} |" in report, method
+    assert "## Goals" in report and "## Diagnosis" in report
+    results = json.loads((docs / "study_quick_results.json").read_text())
+    summary = results["summary"]
+    assert SUMMARY_KEYS <= set(summary)
+    for key in SUMMARY_KEYS - {"hypernet_vs_base_diff", "hypernet_vs_base_se", "heldout_subjects", "seeds", "minutes"}:
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert summary["heldout_subjects"] == 3 and summary["seeds"] == 1 and summary["minutes"] > 0
+    assert all(len(row["subject"]) == len(results["subjects"]) for name, row in results["scores"].items() if "training subjects" not in name)
+    for image in ("study_quick_fidelity.png", "study_quick_examples.png", "study_quick_validation.png"):
+        assert (docs / image).stat().st_size > 0, image
+    # --report-only rebuilds the page from the results file alone
+    (docs / "study_quick.md").unlink()
+    python("-m", "experiments.study", "--report-only", "--quick", "--docs", str(docs))
+    assert (docs / "study_quick.md").read_text() == report

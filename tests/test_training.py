@@ -143,7 +143,7 @@ def test_swapped_and_corrupt_files_are_refused(tmp_path):
     assert "no readable images in" in result.stderr
     # resuming with another image encoder is refused before training
     result = train(*FAST, "--max-steps", "2", "--hidden-state", "image_embeds", "--resume", "--output-dir", str(run), check=False)
-    assert "--resume: the checkpoint was trained with another backbone or image encoder" in result.stderr
+    assert "--resume: the checkpoint was trained with --hidden-state 'penultimate_hidden_states' (asked: 'image_embeds')" in result.stderr
 
 
 def test_two_process_cpu_run_with_accelerate(tmp_path):

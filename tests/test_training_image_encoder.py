@@ -242,6 +242,29 @@ def test_pickle_corrupt_incomplete_and_unknown_files_are_refused(tiny, tmp_path)
     assert issubclass(ImageEncoderError, ValueError)
 
 
+@pytest.mark.parametrize("field", ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                                   "patch_size", "projection_dim", "hidden_act", "layer_norm_eps"])
+def test_damaged_config_metadata_is_a_file_format_error_naming_file_and_field(tiny, tmp_path, field):
+    from hypernet.errors import FileFormatError
+
+    path = save_image_encoder(tiny, tmp_path / "clip_vision.safetensors")
+    state, config = load_file(path), tiny_config().to_dict()
+    refused = 0
+    for bad in (None, 0, -1, "x", [], 1.5, True, 10**9):
+        damaged = {k: v for k, v in config.items() if k != field} if bad is None else {**config, field: bad}
+        save_file(state, tmp_path / "damaged.safetensors", metadata={"config": json.dumps(damaged)})
+        try:
+            load_image_encoder(str(tmp_path / "damaged.safetensors"))
+        except FileFormatError as error:  # ZeroDivisionError, TypeError, MemoryError ... fail the test
+            refused += 1
+            assert "damaged.safetensors" in str(error) and (field in str(error) or "'config'" in str(error)), str(error)
+    assert refused >= 5
+    for raw in ("", "null", "[1]", "{broken"):
+        save_file(state, tmp_path / "damaged.safetensors", metadata={"config": raw})
+        with pytest.raises(FileFormatError, match="damaged.safetensors has an invalid metadata field 'config'"):
+            load_image_encoder(str(tmp_path / "damaged.safetensors"))
+
+
 # ------------------------------------------------------------------------------------- ComfyUI parity
 
 def comfyui_tree() -> Path | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -145,3 +146,153 @@ def test_single_file_refusals_name_what_was_found(tmp_path, keys, message):
     save_file(keys, path)
     with pytest.raises(BackboneError, match=message):
         load_backbone(str(path))
+
+
+# ------------------------------------------------------------------------------ data reach the model as the user sees them
+
+def test_truncated_image_is_skipped_at_scan_not_a_crash_when_drawn(tmp_path, caplog):
+    write_image(tmp_path / "good.png")
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", quality=95)
+    data = (tmp_path / "photo.jpg").read_bytes()
+    (tmp_path / "photo.jpg").write_bytes(data[: len(data) * 2 // 3])  # header intact: Image.verify() passes it
+    with caplog.at_level(logging.WARNING):
+        dataset = SubjectFolderDataset(tmp_path, 32)
+    assert [s.subject_id for s in dataset.subjects] == ["good"] and dataset.skipped == [tmp_path / "photo.jpg"]
+    assert "skipped 1 unreadable image file(s)" in caplog.text and "photo.jpg" in caplog.text
+    for index in range(len(dataset)):  # every image that is drawn decodes
+        dataset.get(index, torch.Generator().manual_seed(0))
+
+
+def test_image_over_the_decompression_bomb_limit_is_skipped_with_a_clear_warning(tmp_path, caplog, monkeypatch):
+    write_image(tmp_path / "small.png", (20, 20))
+    write_image(tmp_path / "huge.png", (100, 60))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2500)  # Pillow refuses more than twice this: 5,000 pixels
+    with caplog.at_level(logging.WARNING):
+        dataset = SubjectFolderDataset(tmp_path, 32)
+    assert [s.subject_id for s in dataset.subjects] == ["small"] and dataset.too_large == [tmp_path / "huge.png"]
+    assert "over Pillow's decompression-bomb limit of 5000 pixels (first: huge.png)" in caplog.text
+    (tmp_path / "small.png").unlink()
+    with pytest.raises(DataError, match="no readable images .* 1 over the decompression-bomb limit"):
+        SubjectFolderDataset(tmp_path, 32)
+
+
+def test_text_files_are_utf8_with_the_bom_dropped_and_other_encodings_refused_by_name(tmp_path):
+    (tmp_path / "dog").mkdir()
+    write_image(tmp_path / "dog" / "a.png")
+    (tmp_path / "dog" / "a.txt").write_bytes("\ufeffa {token} café dog".encode("utf-8"))  # Notepad's UTF-8 with BOM
+    (tmp_path / "dog" / "class.txt").write_bytes("\ufeffdog\n".encode("utf-8"))
+    dataset = SubjectFolderDataset(tmp_path, 32)
+    assert dataset.subjects[0].class_word == "dog"
+    assert dataset.get(0, torch.Generator().manual_seed(0)).caption == "a sks café dog"
+    (tmp_path / "dog" / "class.txt").write_bytes("dog".encode("utf-16"))
+    with pytest.raises(DataError, match=r"dog/class.txt is UTF-16 text; save it as UTF-8"):
+        SubjectFolderDataset(tmp_path, 32)
+    (tmp_path / "dog" / "class.txt").unlink()
+    (tmp_path / "dog" / "a.txt").write_bytes("a {token} café".encode("latin-1"))
+    with pytest.raises(DataError, match=r"dog/a.txt is not UTF-8 text \(byte 13 is 0xe9\)"):  # at scan, not when drawn
+        SubjectFolderDataset(tmp_path, 32)
+
+
+def test_same_stem_images_are_separate_subjects_and_deeper_folders_are_counted(tmp_path, caplog):
+    write_image(tmp_path / "a.png", colour=(255, 0, 0))
+    write_image(tmp_path / "a.jpg", colour=(0, 0, 255))
+    write_image(tmp_path / "b.png")
+    (tmp_path / "b").mkdir()  # a folder subject of the same name as a top-level image
+    write_image(tmp_path / "b" / "1.png")
+    (tmp_path / "b" / "more" / "deeper").mkdir(parents=True)
+    for name in ("2.png", "3.jpg"):
+        write_image(tmp_path / "b" / "more" / name)
+    write_image(tmp_path / "b" / "more" / "deeper" / "4.png")
+    with caplog.at_level(logging.WARNING):
+        dataset = SubjectFolderDataset(tmp_path, 32)
+    ids = [s.subject_id for s in dataset.subjects]
+    assert ids == ["a.jpg", "a.png", "b", "b.png"] and len(set(ids)) == len(ids)
+    assert [len(s.images) for s in dataset.subjects] == [1, 1, 1, 1]
+    assert "ignored 3 image(s) in folders below the subject folders" in caplog.text
+
+
+def test_preoptimize_writes_one_file_per_subject_even_when_stems_collide(tmp_path):
+    from training import preoptimize
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_image(data / "a.png", (64, 64), colour=(255, 0, 0))
+    write_image(data / "a.jpg", (64, 64), colour=(0, 0, 255))
+    preoptimize.main(["--preopt-steps", "1", "--preset", "tiny", "--data", str(data), "--batch-size", "1", "--preopt-dir", str(tmp_path / "preopt"),
+                      "--output-dir", str(tmp_path / "run")])
+    assert sorted(p.name for p in (tmp_path / "preopt").iterdir()) == ["a.jpg.compact.safetensors", "a.png.compact.safetensors"]
+
+
+COMFY_LOAD_IMAGE = """
+import sys
+root, folder, output = sys.argv[1:4]
+sys.path.insert(0, root)  # before anything else: this repo's nodes/ package must not shadow ComfyUI's nodes.py
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import os, nodes
+from safetensors.torch import save_file
+loader = nodes.LoadImage()
+save_file({name: loader.load_image(os.path.join(folder, name))[0][0].contiguous() for name in sorted(os.listdir(folder))}, output)
+"""
+
+
+def _png_rgb16(path, pixels: np.ndarray) -> None:
+    """A 48-bit RGB PNG (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_images_load_as_comfyui_load_image_loads_them(comfyui_root, tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from training.data import load_rgb
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "rgb.png")
+    for orientation in (3, 6, 8):  # rotated 180, 90 clockwise, 90 counter-clockwise
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(pixels).save(folder / f"exif_{orientation}.jpg", exif=exif, quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(folder / "exif_6.png", exif=exif)
+    ramp = (np.arange(24 * 40, dtype=np.uint32).reshape(24, 40) * 68).astype(np.uint16)  # 0 .. 65212
+    Image.fromarray(ramp).save(folder / "gray16.png")
+    _png_rgb16(folder / "rgb16.png", np.stack([ramp, ramp[::-1], 65535 - ramp], axis=-1))
+    Image.fromarray(pixels).convert("P").save(folder / "palette.png")
+    Image.fromarray(pixels).convert("L").save(folder / "gray.jpg")
+    Image.fromarray(pixels).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(pixels).convert("1").save(folder / "bilevel.png")
+    Image.fromarray(np.dstack([pixels, np.full((24, 40), 255, np.uint8)])).save(folder / "opaque_rgba.png")
+    Image.fromarray(pixels).save(folder / "plain.webp", lossless=True)
+    result = subprocess.run([sys.executable, "-c", COMFY_LOAD_IMAGE, str(comfyui_root), str(folder), str(tmp_path / "comfy.safetensors")],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    theirs = load_file(tmp_path / "comfy.safetensors")
+    assert len(theirs) == len(list(folder.iterdir())) == 13
+    for name, image in theirs.items():
+        ours = torch.from_numpy(np.asarray(load_rgb(folder / name), dtype=np.float32) / 255.0)
+        assert ours.shape == image.shape and torch.equal(ours, image), name
+    assert theirs["exif_6.jpg"].shape == theirs["exif_6.png"].shape == (40, 24, 3)  # EXIF rotation applied
+    # the training data set reads them the same way, and says which 16-bit files ComfyUI clips
+    with caplog.at_level(logging.WARNING):
+        dataset = SubjectFolderDataset(folder, 32)
+    assert "1 16-bit grayscale image(s)" in caplog.text and "gray16.png" in caplog.text
+    index = [s.subject_id for s in dataset.subjects].index("exif_8")
+    assert torch.equal(dataset.reference(index), theirs["exif_8.jpg"])

@@ -79,6 +79,7 @@ class TrainConfig:
     eval_every: int = _opt(0, "Steps between validations (identity / prompt scores to metrics.jsonl, TensorBoard and validation.png; 0 = only at the end when eval_data is set).")
     eval_subjects: int = _opt(8, "Held-out subjects scored at each validation.")
     resume: bool = _opt(False, "Continue from output_dir/checkpoint.pt.")
+    overwrite: bool = _opt(False, "Start over in an output_dir that holds a run: deletes its checkpoint, metrics, exports, samples and synthetic data.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -115,8 +116,15 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Errors as one line naming the option (exit status 2), not the whole usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="python -m training.train",
         description="Train a subject hypernetwork end to end and export what the ComfyUI nodes load.",
     )
@@ -136,19 +144,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as error:
+        parser.error(f"--config {path}: {error.strerror or error}")
+    except UnicodeDecodeError:
+        parser.error(f"--config {path}: not UTF-8 text")
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        parser.error(f"--config {path}: not valid YAML{f' (line {mark.line + 1})' if mark else ''}: {getattr(error, 'problem', None) or error}")
+    if not isinstance(loaded, dict):
+        parser.error(f"--config {path}: expected a mapping of option: value, got {type(loaded).__name__}")
+    unknown = sorted(set(map(str, loaded)) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        parser.error(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+    return loaded
+
+
 def load_config(argv: Sequence[str] | None = None) -> TrainConfig:
-    args = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    """Preset, then YAML file, then flags; every value checked (exit status 2 with one line) before any work."""
+    from .config_checks import ConfigError, check_types, check_values, yaml_numbers
+
+    parser = build_parser()
+    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     values: dict[str, Any] = {}
     preset = args.pop("preset", None)
     if preset:
         values.update(PRESETS[preset])
     config_path = args.pop("config", None)
-    if config_path:
-        loaded = yaml.safe_load(Path(config_path).read_text()) or {}
-        unknown = sorted(set(loaded) - {f.name for f in dataclasses.fields(TrainConfig)})
-        if unknown:
-            raise SystemExit(f"{config_path}: unknown option(s) {', '.join(unknown)}")
-        values.update(loaded)
+    loaded = yaml_numbers(_read_yaml(config_path, parser), TrainConfig) if config_path else {}
+    values.update(loaded)
     values.update(args)
-    return TrainConfig(**values)
-
+    config = TrainConfig(**values)
+    try:
+        check_types(config, {k: v for k, v in loaded.items() if k not in args}, config_path or "")
+        check_values(config)
+    except ConfigError as error:
+        parser.error(str(error))
+    return config

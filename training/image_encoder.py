@@ -42,11 +42,55 @@ KNOWN_WIDTHS = {768: (12, "quick_gelu"), 1024: (16, "quick_gelu"), 1280: (16, "g
 COMFY_MIN_LAYERS = 23  # comfy.clip_vision.load_clipvision_from_sd recognises files with encoder.layers.22 and up
 COMFY_FP32_PREFIXES = ("vision_model.pre_layrnorm.", "vision_model.post_layernorm.", "visual_projection.")
 PATCH_KEY = "vision_model.embeddings.patch_embedding.weight"
+POSITION_KEY = "vision_model.embeddings.position_embedding.weight"
 OPEN_CLIP_KEY = "visual.transformer.resblocks.0.attn.in_proj_weight"
 
 
-class ImageEncoderError(ValueError):
-    pass
+class ImageEncoderError(FileFormatError):
+    """The image encoder is missing, foreign, damaged or cannot give the requested output (a ``ValueError``)."""
+
+
+CONFIG_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels", "image_size", "patch_size", "projection_dim")
+
+
+def _config_from_metadata(raw: str, name: str):
+    """The CLIPVisionConfig a file written by :func:`save_image_encoder` carries in its metadata field 'config'."""
+    from transformers import CLIPVisionConfig
+
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return CLIPVisionConfig(**data)
+    except Exception as error:  # transformers validates fields with its own error types
+        raise ImageEncoderError(f"CLIP vision model: {name} has an invalid metadata field 'config': {type(error).__name__}: {error}") from None
+
+
+def _check_config_against_state(config, state: dict[str, torch.Tensor], name: str) -> None:
+    """Compare a config with the tensors before building a model from it: a damaged config (say 10^9 layers)
+    is refused by field name instead of allocating what it asks for."""
+    for field in CONFIG_SIZES:
+        value = getattr(config, field, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ImageEncoderError(f"{name}: config field {field} must be a positive integer, not {value!r}")
+    from transformers.activations import ACT2FN
+
+    if not isinstance(config.hidden_act, str) or config.hidden_act not in ACT2FN:
+        raise ImageEncoderError(f"{name}: config field hidden_act {config.hidden_act!r} is not an activation transformers knows")
+    if config.hidden_size % config.num_attention_heads:
+        raise ImageEncoderError(f"{name}: config field num_attention_heads ({config.num_attention_heads}) does not divide hidden_size ({config.hidden_size})")
+    expected = {
+        PATCH_KEY: ((config.hidden_size, config.num_channels, config.patch_size, config.patch_size), "hidden_size, num_channels, patch_size"),
+        POSITION_KEY: (((config.image_size // config.patch_size) ** 2 + 1, config.hidden_size), "image_size, patch_size"),
+        "vision_model.encoder.layers.0.mlp.fc1.weight": ((config.intermediate_size, config.hidden_size), "intermediate_size"),
+        "visual_projection.weight": ((config.projection_dim, config.hidden_size), "projection_dim"),
+    }
+    for key, (shape, fields) in expected.items():
+        if key in state and tuple(state[key].shape) != shape:
+            raise ImageEncoderError(f"{name}: config field(s) {fields} imply tensor {key} of shape {shape}, the file holds {tuple(state[key].shape)}")
+    layers = 1 + max((int(k.split(".")[3]) for k in state if k.startswith("vision_model.encoder.layers.")), default=-1)
+    if layers != config.num_hidden_layers:
+        raise ImageEncoderError(f"{name}: config field num_hidden_layers is {config.num_hidden_layers}, the file holds {layers} layers")
 
 
 @dataclass
@@ -238,7 +282,7 @@ def _config_from_state_dict(state: dict[str, torch.Tensor], metadata: dict[str, 
     from transformers import CLIPVisionConfig
 
     if "config" in metadata:  # files written by save_image_encoder carry their config
-        return CLIPVisionConfig(**json.loads(metadata["config"]))
+        return _config_from_metadata(metadata["config"], name)
     prefix = "vision_model."
     if prefix + "embeddings.class_embedding" not in state:
         raise ImageEncoderError(f"{name}: a vision model without a class token (SigLIP?) is not supported; use a CLIP vision model")
@@ -277,8 +321,12 @@ def _build(config, state: dict[str, torch.Tensor], name: str, match_comfy_storag
     from transformers import CLIPVisionModelWithProjection
 
     state = {k: v for k, v in state.items() if (k.startswith("vision_model.") or k.startswith("visual_projection.")) and not k.endswith("position_ids")}
-    with torch.device("meta"):
-        model = CLIPVisionModelWithProjection(config)
+    _check_config_against_state(config, state, name)
+    try:
+        with torch.device("meta"):
+            model = CLIPVisionModelWithProjection(config)
+    except (ValueError, TypeError, KeyError, ZeroDivisionError) as error:  # e.g. an unknown hidden_act
+        raise ImageEncoderError(f"{name}: its config (metadata field 'config' or config.json) does not describe a CLIP vision model ({type(error).__name__}: {error})") from None
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("position_ids")}
     missing = sorted(set(expected) - set(state))
     has_projection = "visual_projection.weight" in state

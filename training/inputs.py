@@ -7,7 +7,9 @@ batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,12 +24,19 @@ log = logging.getLogger("training")
 
 
 def _synthetic_once(root: Path, subjects: int, images_per_subject: int, config, split: str) -> Path:
-    """Write a synthetic subject folder unless a finished one is already there (re-runs and --resume reuse it)."""
-    marker = root / ".complete"
-    if not marker.exists():
-        write_synthetic_dataset(root, subjects, images_per_subject, size=max(64, config.resolution), seed=config.seed,
-                                split=split, class_word=config.class_word)
-        marker.write_text("ok\n")
+    """Write a synthetic subject folder unless one made with the same settings is there (re-runs and --resume
+    reuse it). One made with other settings is written again, with a message: never silently reused."""
+    settings = dict(subjects=subjects, images_per_subject=images_per_subject, size=max(64, config.resolution), seed=config.seed,
+                    split=split, class_word=config.class_word)
+    stamp = json.dumps(settings, sort_keys=True)
+    marker = root / ".complete"  # written last, holding the settings: a half-written folder is redone
+    if marker.is_file() and marker.read_text().strip() == stamp:
+        return root
+    if root.exists():
+        log.warning("%s was made with other settings (%s); writing it again for %s", root, marker.read_text().strip() if marker.is_file() else "unfinished", stamp)
+        shutil.rmtree(root)
+    write_synthetic_dataset(root, subjects, images_per_subject, size=settings["size"], seed=config.seed, split=split, class_word=config.class_word)
+    marker.write_text(stamp + "\n")
     return root
 
 

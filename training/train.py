@@ -25,11 +25,13 @@ from hypernet.files import load_compact_subject_lora
 from hypernet.subject import predict_subject_lora
 from hypernet.targets import describe_mismatch, targets_hash
 
-from .checkpoint import load_checkpoint, save_checkpoint, step_generator
+from .checkpoint import save_checkpoint, step_generator
 from .config import TrainConfig, load_config
+from .data import DataError
 from .inputs import SubjectBatches, open_backbone, open_dataset, open_eval_dataset, open_image_encoder, open_preview_dataset
 from .objective import HypernetObjective
 from .report import write_sample_grid
+from .run_state import Interrupts, apply_optimizer_settings, check_output_dir, clear_run, read_metrics_lines, refuse, remove_leftovers
 from .validation import make_validator, run_validation
 
 log = logging.getLogger("training")
@@ -46,6 +48,11 @@ class TrainResult:
 
 
 def run(config: TrainConfig) -> TrainResult:
+    with Interrupts() as interrupts:  # SIGINT and SIGTERM: a checkpoint of whole steps, then exit
+        return _run(config, interrupts)
+
+
+def _run(config: TrainConfig, interrupts: Interrupts) -> TrainResult:
     from accelerate import Accelerator
 
     # Without a GPU, say so explicitly: accelerate then sets up gloo when launched with several processes.
@@ -54,6 +61,12 @@ def run(config: TrainConfig) -> TrainResult:
     main_process = accelerator.is_main_process
     output_dir = Path(config.output_dir)
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="[%(name)s] %(message)s")
+    resume_state = check_output_dir(config)  # refuses a silent overwrite, a missing checkpoint, settings fixed for the run
+    if main_process:
+        if config.overwrite:
+            clear_run(output_dir)
+        remove_leftovers(output_dir)
+    accelerator.wait_for_everyone()
 
     # -- inputs, all validated before any long work
     with accelerator.main_process_first():  # the synthetic data set is written once
@@ -92,14 +105,18 @@ def run(config: TrainConfig) -> TrainResult:
     optimizer = torch.optim.AdamW(hypernet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
     start_step = 0
-    if config.resume:
-        state = load_checkpoint(output_dir)
+    if resume_state is not None:
+        state = resume_state
         problem = describe_mismatch(json_layers(state["targets"]), layers)
         if problem or state["features"] != feature_spec.__dict__:
-            raise SystemExit(f"--resume: the checkpoint was trained with another backbone or image encoder ({problem or 'image features differ'})")
-        hypernet.load_state_dict(state["hypernet"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+            refuse(f"--resume: the checkpoint was trained with another backbone or image encoder ({problem or 'image features differ'})")
+        try:
+            hypernet.load_state_dict(state["hypernet"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            refuse(f"--resume: the checkpoint does not fit this hypernetwork ({str(error).splitlines()[0]}); start over with --overwrite")
+        apply_optimizer_settings(optimizer, scheduler, config)  # a new learning rate / weight decay takes effect
         start_step = state["step"]
         log.info("resumed from step %d", start_step)
     hypernet, optimizer, scheduler = accelerator.prepare(hypernet, optimizer, scheduler)
@@ -117,9 +134,10 @@ def run(config: TrainConfig) -> TrainResult:
     # -- loop
     progress = make_progress(config, start_step, main_process)
     last_time, images_seen = time.perf_counter(), 0
-    step = start_step
+    step = completed = start_step  # completed: the last step whose update (and metrics line) is done
     try:
         for step in range(start_step + 1, config.max_steps + 1):
+            interrupts.hold()  # a signal now waits for the end of this step
             totals: dict[str, float] = {}
             for micro in range(config.grad_accum):
                 index = (step - 1) * config.grad_accum + micro
@@ -149,30 +167,37 @@ def run(config: TrainConfig) -> TrainResult:
                         for key, value in {**totals, "images_per_s": throughput}.items():
                             board.add_scalar(f"train/{key}", value, step)
                     last_time, images_seen = now, 0
+            completed = step
+            interrupts.release()  # raises a signal that came during the step
+            if main_process:
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     save_training_state(output_dir, accelerator, hypernet, optimizer, scheduler, step, layers, feature_spec, config)
                 if validator is not None and config.eval_every and step % config.eval_every == 0:
                     run_validation(validator, accelerator.unwrap_model(hypernet), step, metrics_path, board, output_dir)
                 if config.sample_every and step % config.sample_every == 0:
                     write_sample_grid(output_dir / "samples" / f"step_{step:06d}.png", accelerator.unwrap_model(hypernet), backbone, encoder, preview, unet_targets, text_targets, config)
-        if validator is not None and step == config.max_steps and not (config.eval_every and step % config.eval_every == 0):
-            run_validation(validator, accelerator.unwrap_model(hypernet), step, metrics_path, board, output_dir)  # the final scores
-    except KeyboardInterrupt:
+        if validator is not None and completed == config.max_steps and not (config.eval_every and completed % config.eval_every == 0):
+            run_validation(validator, accelerator.unwrap_model(hypernet), completed, metrics_path, board, output_dir)  # the final scores
+    except (KeyboardInterrupt, DataError) as stop:
+        interrupts.hold()  # a second signal must not cut this save short
         if main_process:
-            save_training_state(output_dir, accelerator, hypernet, optimizer, scheduler, step - 1, layers, feature_spec, config)
-            print(f"\ninterrupted: checkpoint at step {step - 1} in {output_dir}; continue with --resume", flush=True)
-        raise SystemExit(130)
+            save_training_state(output_dir, accelerator, hypernet, optimizer, scheduler, completed, layers, feature_spec, config)
+            why = f"data: {stop}" if isinstance(stop, DataError) else f"interrupted ({stop})"
+            print(f"\n{why}: checkpoint at step {completed} in {output_dir}; continue with --resume", flush=True)
+        interrupts.release(raise_pending=False)
+        raise SystemExit(1 if isinstance(stop, DataError) else getattr(stop, "exit_code", 130))
     finally:
         progress.close()
         if board is not None:
             board.close()
 
     # -- export
+    interrupts.where = "during the export; training finished and its checkpoint is saved: run the same command with --resume to export again"
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(hypernet).eval()
     if not main_process:
         return None  # type: ignore[return-value]
-    save_training_state(output_dir, accelerator, hypernet, optimizer, scheduler, config.max_steps, layers, feature_spec, config)
+    save_training_state(output_dir, accelerator, hypernet, optimizer, scheduler, completed, layers, feature_spec, config)
     provenance = {"trainer": "comfyui-subject-hypernet training.train", "steps": config.max_steps, "backbone": str(config.backbone),
                   "image_encoder": str(config.image_encoder), "data": str(config.data), "seed": config.seed}
     hypernet_path = save_hypernet(output_dir / "hypernet.safetensors", model.float().cpu(), base_arch=backbone.arch, provenance=provenance)
@@ -237,11 +262,12 @@ def load_preopt(config: TrainConfig, layers) -> dict:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric lines written after the checkpoint (the run re-does those steps)."""
+    """On resume, drop metric lines written after the checkpoint (the run re-does those steps), and a damaged
+    line a killed run left (with a message)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [record for record in read_metrics_lines(path) if record["step"] <= step]
+    path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
 def write_metrics(path: Path, record: dict) -> None:
@@ -258,9 +284,9 @@ def make_progress(config: TrainConfig, start: int, enabled: bool):
 def main(argv=None) -> None:
     try:
         run(load_config(argv))
-    except KeyboardInterrupt:  # before the loop started: nothing to save
-        print("\ninterrupted before training started", flush=True)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as stop:  # outside the loop (which saves its own checkpoint)
+        print(f"\ninterrupted {getattr(stop, 'where', '') or 'before training started'}", flush=True)
+        raise SystemExit(getattr(stop, "exit_code", 130)) from None
 
 
 if __name__ == "__main__":
