@@ -25,7 +25,7 @@ from .errors import FileFormatError, HyperNetError
 from .hypernetwork import HyperNetConfig, HyperNetwork
 from .lidb import LidbBasis, LidbConfig
 from .lora import LoraWeights
-from .targets import TargetLayer, targets_from_json, targets_hash, targets_to_json
+from .targets import TargetLayer, from_sgm_name, targets_from_json, targets_hash, targets_to_json, to_sgm_name, unet_naming_for
 
 FORMAT_VERSION = 1
 HYPERNET_FORMAT = "subject_hypernet"
@@ -44,7 +44,10 @@ def read_safetensors(path: str | os.PathLike, what: str, *, load_tensors: bool =
         raise FileFormatError(f"{what}: file not found: {path}")
     with open(path, "rb") as handle:
         head = handle.read(16)
-    if path.suffix.lower() in _PICKLE_SUFFIXES or head[:2] == b"PK" or head[:1] == b"\x80":
+    # a safetensors file is an 8-byte little-endian header length, then the JSON header: byte 8 is '{'. Only
+    # without that can a leading 0x80 (pickle protocol) or "PK" (zip) be trusted: a header length may start with 0x80.
+    safetensors_layout = head[8:9] == b"{"
+    if path.suffix.lower() in _PICKLE_SUFFIXES or (not safetensors_layout and (head[:2] == b"PK" or head[:1] == b"\x80")):
         raise FileFormatError(
             f"{what}: {path.name} is a pickle/PyTorch archive; only .safetensors files are loaded "
             "(pickle files can execute code when opened). Convert it to safetensors first."
@@ -239,21 +242,27 @@ def load_hypernet(path: str | os.PathLike, device: str | torch.device = "cpu") -
 # ----------------------------------------------------------------------------- standard subject LoRA (kohya)
 
 
-def lora_to_kohya(lora: LoraWeights, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """kohya keys (``<name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``); alpha = rank, so scale 1."""
+def lora_to_kohya(lora: LoraWeights, dtype: torch.dtype = torch.float32, naming: str = "diffusers") -> dict[str, torch.Tensor]:
+    """kohya keys (``<name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``); alpha = rank, so scale 1.
+
+    ``naming``: how UNet layers are spelled -- 'diffusers' (kohya's SD1.5 files) or 'sgm' (its SDXL files,
+    ``lora_unet_input_blocks_4_1_...``); :func:`hypernet.targets.unet_naming_for` picks it from the base.
+    """
     if lora.batch_size is not None:
         raise HyperNetError("select one subject's LoRA before exporting it")
+    spell = to_sgm_name if naming == "sgm" else (lambda name: name)
     state = {}
     for name in lora.names:
         rank = lora.rank(name)
-        state[f"{name}.lora_down.weight"] = lora.down[name].detach().to("cpu", dtype).contiguous()
-        state[f"{name}.lora_up.weight"] = lora.up[name].detach().to("cpu", dtype).contiguous()
-        state[f"{name}.alpha"] = torch.tensor(float(rank), dtype=dtype)
+        key = spell(name)
+        state[f"{key}.lora_down.weight"] = lora.down[name].detach().to("cpu", dtype).contiguous()
+        state[f"{key}.lora_up.weight"] = lora.up[name].detach().to("cpu", dtype).contiguous()
+        state[f"{key}.alpha"] = torch.tensor(float(rank), dtype=dtype)
     return state
 
 
 def kohya_to_lora(state: dict[str, torch.Tensor], what: str = "LoRA") -> LoraWeights:
-    """Parse kohya keys back into factors, folding ``alpha / rank`` into ``up``."""
+    """Parse kohya keys (either UNet naming) back into factors under canonical names, folding ``alpha / rank`` into ``up``."""
     down, up = {}, {}
     for key, tensor in state.items():
         if key.endswith(".lora_down.weight"):
@@ -266,8 +275,9 @@ def kohya_to_lora(state: dict[str, torch.Tensor], what: str = "LoRA") -> LoraWei
                 raise FileFormatError(f"{what}: {name} is not a linear-layer LoRA (conv LoRAs are not supported)")
             rank = down_tensor.shape[0]
             alpha = float(state[f"{name}.alpha"]) if f"{name}.alpha" in state else float(rank)
-            down[name] = down_tensor
-            up[name] = up_tensor * (alpha / rank)
+            canonical = from_sgm_name(name)
+            down[canonical] = down_tensor
+            up[canonical] = up_tensor * (alpha / rank)
     if not down:
         raise FileFormatError(f"{what}: no kohya LoRA keys ('*.lora_down.weight') found")
     return LoraWeights(down, up)
@@ -282,7 +292,7 @@ def save_subject_lora(
     dtype: torch.dtype = torch.float32,
     provenance: dict | None = None,
 ) -> Path:
-    """A standard kohya LoRA: ComfyUI's LoraLoader, A1111 and diffusers load it as is."""
+    """A standard kohya LoRA: ComfyUI's LoraLoader, A1111 and diffusers load it as is (SDXL in kohya's SDXL naming)."""
     lora.check_against(layers)
     ranks = sorted({lora.rank(n) for n in lora.names})
     metadata = {
@@ -296,7 +306,7 @@ def save_subject_lora(
         "ss_network_alpha": str(ranks[-1]),
         "ss_base_model_version": {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}.get(base_arch, base_arch),
     }
-    return write_safetensors_atomic(lora_to_kohya(lora, dtype), metadata, path)
+    return write_safetensors_atomic(lora_to_kohya(lora, dtype, unet_naming_for(base_arch)), metadata, path)
 
 
 def load_subject_lora(path: str | os.PathLike) -> tuple[LoraWeights, dict[str, str]]:
