@@ -12,16 +12,15 @@ from hypernet import attach_lora
 from hypernet.guidance import hm_cfg
 from hypernet.lora import LoraWeights
 
+from .backbone import TextConditioning
 from .objective import split_lora
 
 
 def _encode(backbone, prompts, device, text_modules=None, lora=None):
-    tokenizer = backbone.tokenizer
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
     with ExitStack() as stack:
         if lora is not None and text_modules:
             stack.enter_context(attach_lora(text_modules, split_lora(lora, text_modules)))
-        return backbone.text_encoder(ids)[0]
+        return backbone.encode_prompts(prompts, device)
 
 
 @torch.no_grad()
@@ -65,16 +64,16 @@ def sample(
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(latents, t)
         if not adapted:
-            eps_u, eps_c = backbone.unet(torch.cat([x, x]), t, torch.cat([base_uncond, base_cond])).sample.chunk(2)
+            eps_u, eps_c = backbone.predict_noise(torch.cat([x, x]), t, TextConditioning.cat([base_uncond, base_cond])).chunk(2)
             eps = eps_u + cfg_text * (eps_c - eps_u)
         elif mode == "lora":
             with attach_lora(unet_modules, _twice(unet_lora)):
-                eps_u, eps_c = backbone.unet(torch.cat([x, x]), t, torch.cat([subject_uncond, subject_cond])).sample.chunk(2)
+                eps_u, eps_c = backbone.predict_noise(torch.cat([x, x]), t, TextConditioning.cat([subject_uncond, subject_cond])).chunk(2)
             eps = eps_u + cfg_text * (eps_c - eps_u)
         elif mode == "hmcfg":
             gate = torch.cat([torch.zeros(2 * size), torch.ones(size)]).to(device)
             with attach_lora(unet_modules, _thrice(unet_lora), strength=gate):
-                eps_u, eps_c, eps_s = backbone.unet(torch.cat([x, x, x]), t, torch.cat([base_uncond, base_cond, subject_cond])).sample.chunk(3)
+                eps_u, eps_c, eps_s = backbone.predict_noise(torch.cat([x, x, x]), t, TextConditioning.cat([base_uncond, base_cond, subject_cond])).chunk(3)
             eps = hm_cfg(eps_u, eps_c, eps_s, cfg_text, cfg_subject)
         else:
             raise ValueError(f"unknown sampling mode {mode!r}")

@@ -26,8 +26,8 @@ from hypernet.subject import predict_subject_lora
 from hypernet.targets import describe_mismatch, targets_hash
 
 from .checkpoint import load_checkpoint, save_checkpoint, step_generator
-from .config import TrainConfig, load_config
-from .inputs import SubjectBatches, open_backbone, open_dataset, open_image_encoder, open_preview_dataset
+from .config import TrainConfig, load_config, with_native_resolution
+from .inputs import EncodedCache, SubjectBatches, open_backbone, open_dataset, open_image_encoder, open_preview_dataset
 from .objective import HypernetObjective
 from .report import write_sample_grid
 
@@ -47,6 +47,7 @@ class TrainResult:
 def run(config: TrainConfig) -> TrainResult:
     from accelerate import Accelerator
 
+    config = with_native_resolution(config)
     # Without a GPU, say so explicitly: accelerate then sets up gloo when launched with several processes.
     on_cpu = not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()))
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum, cpu=on_cpu)
@@ -64,11 +65,12 @@ def run(config: TrainConfig) -> TrainResult:
     if config.gradient_checkpointing:
         backbone.unet.enable_gradient_checkpointing()
         if config.text_encoder_targets:
-            backbone.text_encoder.gradient_checkpointing_enable()
+            for text_encoder in backbone.text_encoders:
+                text_encoder.gradient_checkpointing_enable()
     if main_process:
         print(f"training on {accelerator.num_processes} process(es), device {accelerator.device}, precision {config.mixed_precision}", flush=True)
-    if main_process and config.backbone == "tiny":
-        print("NOTE: the 'tiny' backbone is small and randomly initialised (untrained): the sample pictures only show that the pipeline works.", flush=True)
+    if main_process and config.backbone in ("tiny", "tiny-sdxl"):
+        print(f"NOTE: the '{config.backbone}' backbone is small and randomly initialised (untrained): the sample pictures only show that the pipeline works.", flush=True)
     if main_process and config.backbone == "toy":
         print("NOTE: the 'toy' backbone is the toy-world model pretrained by experiments.study (64 px, a toy vocabulary of shapes, colours "
               "and backgrounds): the samples show personalisation in that small world, not what SD1.5 does with photographs. The toy "
@@ -76,7 +78,7 @@ def run(config: TrainConfig) -> TrainResult:
 
     # -- model
     unet_targets = locate_targets(backbone.unet)
-    text_targets = locate_targets(None, [backbone.text_encoder]) if config.text_encoder_targets else None
+    text_targets = locate_targets(None, backbone.text_encoders) if config.text_encoder_targets else None
     layers = unet_targets.layers + (text_targets.layers if text_targets is not None else [])
     feature_spec = encoder.feature_spec(config.hidden_state)
     hyper_config = HyperNetConfig(
@@ -103,7 +105,10 @@ def run(config: TrainConfig) -> TrainResult:
     hypernet, optimizer, scheduler = accelerator.prepare(hypernet, optimizer, scheduler)
     schedule = NoiseSchedule(backbone.noise_scheduler.alphas_cumprod.float())
     objective = HypernetObjective(backbone, unet_targets, text_targets, config, schedule, preopt=load_preopt(config, layers))
-    batches = SubjectBatches(dataset, encoder, config, accelerator.num_processes, accelerator.process_index, accelerator.device)
+    cache = None
+    if config.cache_latents or config.cache_features:
+        cache = EncodedCache(dataset, backbone if config.cache_latents else None, encoder if config.cache_features else None, config)
+    batches = SubjectBatches(dataset, encoder, config, accelerator.num_processes, accelerator.process_index, accelerator.device, cache)
     metrics_path = output_dir / "metrics.jsonl"
     board = open_tensorboard(config, output_dir) if main_process else None
     if main_process:
