@@ -457,7 +457,8 @@ def _load_text_encoder(model: nn.Module, text_state: dict[str, torch.Tensor], wh
 def _taesd(state: dict[str, torch.Tensor], name: str) -> TaesdVae:
     from diffusers import AutoencoderTiny
 
-    tiny = AutoencoderTiny()
+    with _empty_weights():
+        tiny = AutoencoderTiny()
     converted = {}
     for key, value in state.items():
         if key.startswith("first_stage_model.taesd_encoder."):
@@ -487,7 +488,9 @@ def _from_single_file(path: Path, dtype: torch.dtype) -> Backbone:
 
     # text encoders first: SDXL's UNet config needs the pooled width
     text_l = convert_ldm_clip_checkpoint(state)
-    text_encoder = _load_text_encoder(CLIPTextModel(_clip_text_config(config_dir, "text_encoder", text_l)), text_l, f"{path.name} text encoder")
+    with _empty_weights():
+        text_encoder = CLIPTextModel(_clip_text_config(config_dir, "text_encoder", text_l))
+    _load_text_encoder(text_encoder, text_l, f"{path.name} text encoder")
     text_encoder_2 = None
     if sdxl:
         from transformers import CLIPTextConfig
@@ -498,7 +501,8 @@ def _from_single_file(path: Path, dtype: torch.dtype) -> Backbone:
         config.update({"hidden_size": width, "num_hidden_layers": _count(state, SDXL_CLIP_G_PREFIX + "transformer.resblocks."),
                        "projection_dim": get("text_projection").shape[1], "intermediate_size": get("transformer.resblocks.0.mlp.c_fc.weight").shape[0],
                        "vocab_size": vocab, "num_attention_heads": _heads(width, config.num_attention_heads)})
-        text_encoder_2 = CLIPTextModelWithProjection(config)
+        with _empty_weights():
+            text_encoder_2 = CLIPTextModelWithProjection(config)
         text_g = convert_open_clip_checkpoint(text_encoder_2, state, prefix=SDXL_CLIP_G_PREFIX)
         _load_exact(text_encoder_2, {k: v for k, v in text_g.items() if not k.endswith("position_ids")}, f"{path.name} second text encoder (OpenCLIP bigG)")
 
@@ -516,17 +520,27 @@ def _from_single_file(path: Path, dtype: torch.dtype) -> Backbone:
     unet_config["sample_size"] = 128 if sdxl else 64
     if sdxl:  # diffusers assumes SDXL's 256; shrunken files embed their sizes in fewer dimensions
         unet_config["addition_time_embed_dim"] = (adm - text_encoder_2.config.projection_dim) // 6
-    unet = UNet2DConditionModel(**unet_config)
+    with _empty_weights():
+        unet = UNet2DConditionModel(**unet_config)
     _load_exact(unet, convert_ldm_unet_checkpoint(state, unet_config), f"{path.name} UNet")
 
     if taesd:
         vae: nn.Module = _taesd(state, path.name)
     else:
         vae_config = create_vae_diffusers_config_from_ldm(original, state)
-        vae = AutoencoderKL(**vae_config)
+        with _empty_weights():
+            vae = AutoencoderKL(**vae_config)
         _load_exact(vae, convert_ldm_vae_checkpoint(state, vae_config), f"{path.name} VAE")
     return Backbone(unet, text_encoder, _tokenizer(), vae, _scheduler(config_dir), family, scaling, str(path),
                     text_encoder_2=text_encoder_2, tokenizer_2=_tokenizer("!") if sdxl else None, native_resolution=1024 if sdxl else 512)
+
+
+def _empty_weights():
+    """Build a model without initialising its parameters (on the meta device): the checkpoint fills them all, and
+    random-initialising a billion SDXL parameters first would take longer than reading them."""
+    from accelerate import init_empty_weights
+
+    return init_empty_weights(include_buffers=False)
 
 
 def _load_exact(model: nn.Module, state: dict, what: str) -> None:
@@ -534,7 +548,10 @@ def _load_exact(model: nn.Module, state: dict, what: str) -> None:
     missing = sorted(k for k in model_keys - set(state) if not k.endswith("position_ids"))
     if missing:
         raise BackboneError(f"{what}: checkpoint lacks {len(missing)} tensors (e.g. {missing[0]}); the file is incomplete or of another architecture")
-    model.load_state_dict({k: v.float() for k, v in state.items() if k in model_keys}, strict=False)
+    model.load_state_dict({k: v.float() for k, v in state.items() if k in model_keys}, strict=False, assign=True)
+    left_empty = [name for name, p in model.named_parameters() if p.is_meta]
+    if left_empty:
+        raise BackboneError(f"{what}: {len(left_empty)} parameters were not in the checkpoint (e.g. {left_empty[0]})")
 
 
 # ----------------------------------------------------------------------------- entry points
