@@ -11,7 +11,7 @@ from comfyui_support.browser import Browser, chromium_path
 from comfyui_support.harness import ComfyServer
 from comfyui_support.workflow_format import strip_meta
 from conftest import prepare_work_dir
-from test_comfyui_workflows import WORKFLOWS, bad_variant, load, shrink
+from test_comfyui_workflows import ALL_WORKFLOWS, bad_variant, load, shrink
 
 pytestmark = pytest.mark.comfyui
 WORKFLOW_DIR = Path(__file__).resolve().parents[1] / "workflows"
@@ -61,8 +61,8 @@ def test_server_runs_a_workflow_reports_errors_and_keeps_serving(server):
 def test_template_browser_lists_and_serves_the_shipped_workflows(server):
     # ComfyUI's convention: <pack>/workflows/*.json (or example_workflows/) are listed in the template browser
     listed = server.get("/workflow_templates")
-    assert sorted(listed["comfyui-subject-hypernet"]) == sorted(WORKFLOWS)
-    for name in WORKFLOWS:
+    assert sorted(listed["comfyui-subject-hypernet"]) == sorted(ALL_WORKFLOWS)
+    for name in ALL_WORKFLOWS:
         served = server.get(f"/api/workflow_templates/comfyui-subject-hypernet/{name}.json")
         assert served == json.loads((WORKFLOW_DIR / f"{name}.json").read_text())
 
@@ -73,7 +73,7 @@ def test_ui_workflows_open_in_the_real_front_end_without_missing_nodes(server, t
     with Browser(chromium_path()) as browser:
         browser.goto(server.url)
         browser.wait_for("!!(window.app && window.app.graph && window.LiteGraph && window.LiteGraph.registered_node_types['SubjectHyperNet_PredictSubjectLora'])", timeout=180)
-        for name in WORKFLOWS:
+        for name in ALL_WORKFLOWS:
             workflow = json.loads((WORKFLOW_DIR / f"{name}.json").read_text())
             result = browser.evaluate(f"""(async () => {{
                 await window.app.loadGraphData({json.dumps(workflow)});
@@ -90,4 +90,4 @@ def test_ui_workflows_open_in_the_real_front_end_without_missing_nodes(server, t
             browser.screenshot(tmp_path / f"{name}.png")
         page_text = browser.evaluate("document.body.innerText")
         assert "missing" not in page_text.lower(), page_text[:500]
-    assert all((tmp_path / f"{n}.png").stat().st_size > 10_000 for n in WORKFLOWS)
+    assert all((tmp_path / f"{n}.png").stat().st_size > 10_000 for n in ALL_WORKFLOWS)
