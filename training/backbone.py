@@ -88,16 +88,23 @@ class Backbone:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+        """SDXL's UNet reads pooled text and size/crop ids (diffusers' 'text_time' added embedding)."""
+        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
 
     @property
     def text_encoders(self) -> list[nn.Module]:
-        """In kohya order (``lora_te`` / ``lora_te1``, ``lora_te2``)."""
-        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+        """In kohya order (``lora_te`` / ``lora_te1``, ``lora_te2``); empty where a benchmark left them out."""
+        return [encoder for encoder in (self.text_encoder, self.text_encoder_2) if encoder is not None]
 
     def tokenize(self, prompts: list[str], device, tokenizer=None) -> torch.Tensor:
         tokenizer = tokenizer or self.tokenizer
         return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
+
+    def encoded_prompt_shape(self) -> tuple[int, int | None]:
+        """(context width, pooled width or None) the UNet expects."""
+        config = self.unet.config
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim if self.is_sdxl else None
+        return config.cross_attention_dim, pooled
 
     def encode_prompts(self, prompts: list[str], device=None) -> TextConditioning:
         """SD1.5: the last hidden state. SDXL: both encoders' penultimate hidden states (no final norm),
@@ -209,25 +216,40 @@ def tiny_backbone(seed: int = 0) -> Backbone:
     return Backbone(unet, text_encoder, _tokenizer(), vae, _scheduler(), "sd15-tiny", SD15_SCALING, "tiny", native_resolution=64)
 
 
-def sdxl_random_backbone(seed: int = 0, dtype: torch.dtype = torch.float32) -> Backbone:
+def sdxl_random_backbone(seed: int = 0, text_encoders: bool = True) -> Backbone:
     """Full-size SDXL base architecture from the shipped configs, random weights (benchmarks; nothing downloaded).
 
-    ``dtype`` is applied while building, so a bf16 backbone never holds its fp32 copy (10 GB for the UNet)."""
+    In float32 that is 14 GB; ``text_encoders=False`` leaves out CLIP-L and bigG (3.3 GB) for benchmarks that feed
+    the UNet an already encoded prompt."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL_CONFIG_DIR / "unet"))
-        text_encoder = CLIPTextModel(_sdxl_text_config("text_encoder"))
-        text_encoder_2 = CLIPTextModelWithProjection(_sdxl_text_config("text_encoder_2"))
-    finally:
-        torch.set_default_dtype(previous)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL_CONFIG_DIR / "unet"))
+    text_encoder = CLIPTextModel(_sdxl_text_config("text_encoder")) if text_encoders else None
+    text_encoder_2 = CLIPTextModelWithProjection(_sdxl_text_config("text_encoder_2")) if text_encoders else None
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SDXL_CONFIG_DIR / "vae"))
     return Backbone(unet, text_encoder, _tokenizer(), vae, _scheduler(SDXL_CONFIG_DIR), "sdxl", SDXL_SCALING, "sdxl-random",
                     text_encoder_2=text_encoder_2, tokenizer_2=_tokenizer("!"), native_resolution=1024)
+
+
+def sdxl_meta_modules() -> tuple[nn.Module, nn.Module, nn.Module]:
+    """SDXL base's UNet and two text encoders on the meta device (shapes, no memory): for target lists and
+    memory arithmetic at full size without 14 GB of weights."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL_CONFIG_DIR / "unet"))
+        return unet, CLIPTextModel(_sdxl_text_config("text_encoder")), CLIPTextModelWithProjection(_sdxl_text_config("text_encoder_2"))
+
+
+def sdxl_target_layers():
+    """The 736 target layers of SDXL base (560 UNet, 48 CLIP-L, 128 bigG), with their shapes."""
+    from hypernet import locate_targets
+
+    unet, text_encoder, text_encoder_2 = sdxl_meta_modules()
+    return locate_targets(unet, [text_encoder, text_encoder_2]).layers
 
 
 def tiny_sdxl_backbone(seed: int = 0) -> Backbone:

@@ -105,8 +105,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_steps=150, log_every=10, checkpoint_every=50, sample_steps=10, output_dir="runs/tiny-sdxl",
     ),
     # SDXL at 1024 px on one 24 GB GPU: bf16 weights, gradient checkpointing, latents and image features cached
-    # (VAE and image encoder off the GPU); docs/methods.md computes the memory per batch element.
-    "sdxl": dict(resolution=1024, width=512, depth=2, heads=8, iterations=4, batch_size=2, grad_accum=2, learning_rate=1e-4, max_steps=20000,
+    # (VAE and image encoder off the GPU); computed ~13 GiB at batch 4 (benchmarks/sdxl_memory.py, docs/methods.md).
+    "sdxl": dict(resolution=1024, width=512, depth=2, heads=8, iterations=4, batch_size=4, learning_rate=1e-4, max_steps=20000,
                  mixed_precision="bf16", gradient_checkpointing=True, cache_latents=True, cache_features=True, checkpoint_every=500,
                  sample_every=1000, sample_steps=30, output_dir="runs/sdxl"),
     # SD1.5 at 512 px with the paper's LiDB sizes; point backbone/image_encoder at your local files.
