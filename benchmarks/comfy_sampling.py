@@ -19,7 +19,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "scripts")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "scripts"), str(REPO / "benchmarks")]
+
+import _clock as clock  # noqa: E402
 
 from comfyui_support.fixtures import build_model_files, build_sdxl_model_files  # noqa: E402
 from comfyui_support.harness import run_in_comfyui  # noqa: E402
@@ -86,6 +88,7 @@ CODE = r"""
 import time, statistics, resource, torch, sys
 import nodes as core, comfy.samplers, comfy.model_management
 cfg = spec["bench"]
+clock = time.process_time if cfg["cpu_clock"] else time.perf_counter  # see benchmarks/_clock.py
 model, clip, vae = core.CheckpointLoaderSimple().load_checkpoint(cfg["ckpt"])[:3]
 hypernet = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_LoadHyperNet"]().load(cfg["hypernet"])["result"][0]
 clip_vision = core.CLIPVisionLoader().load_clip(cfg["clip_vision"])[0]
@@ -94,7 +97,7 @@ predict = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_PredictSubjectLora"]()
 predict.predict(hypernet, clip_vision, image, model, 1.0, clip, 1.0)  # warm-up
 t = []
 for _ in range(5):
-    start = time.perf_counter(); model_s, clip_s, lora = predict.predict(hypernet, clip_vision, image, model, 1.0, clip, 1.0); t.append(time.perf_counter() - start)
+    start = clock(); model_s, clip_s, lora = predict.predict(hypernet, clip_vision, image, model, 1.0, clip, 1.0); t.append(clock() - start)
 predict_s = statistics.median(t)
 encode = lambda c, text: core.CLIPTextEncode().encode(c, text)[0]
 pos, neg, subj = encode(clip, "a photo of a sks toy"), encode(clip, "blurry"), encode(clip_s, "a photo of a sks toy")
@@ -114,7 +117,7 @@ for fn in cases.values():
 times = {k: [] for k in cases}
 for r in range(cfg["repeats"]):
     for name, fn in cases.items():
-        start = time.perf_counter(); fn(r + 1); times[name].append((time.perf_counter() - start) / steps)
+        start = clock(); fn(r + 1); times[name].append((clock() - start) / steps)
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
 before = rss()
 for i in range(cfg["memory_runs"]):
@@ -178,7 +181,7 @@ def main() -> None:
         (work / "hypernets").mkdir()
         save_hypernet(work / "hypernets" / "bench.safetensors", hypernet, base_arch=arch)
         bench = {"ckpt": ckpt.name, "hypernet": "bench.safetensors", "clip_vision": files["clip_vision"].name, "resolution": args.resolution,
-                 "steps": args.steps, "repeats": args.repeats, "memory_runs": args.memory_runs}
+                 "steps": args.steps, "repeats": args.repeats, "memory_runs": args.memory_runs, "cpu_clock": clock.CPU_TIME}
         code = "spec['bench'] = " + json.dumps(bench) + "\n" + CODE
         report = run_in_comfyui(comfy_root, work / "run", models={"checkpoints": [work / "checkpoints"], "hypernets": [work / "hypernets"],
                                                                   "clip_vision": [files["clip_vision"].parent]}, prompts=[], code=code, timeout=7200)
@@ -195,7 +198,7 @@ def main() -> None:
     print(f"Predict Subject LoRA (CLIP vision + hypernet, {len(layers)} layers): {result['predict_s'] * 1000:.0f} ms")
     print(f"RSS before / after {args.memory_runs} repeated HM-CFG runs of each implementation: {result['rss_before_mb']:.0f} / {result['rss_after_mb']:.0f} MB")
     if args.json:
-        Path(args.json).write_text(json.dumps({**result, "resolution": args.resolution, "full_sd15": args.full_sd15, "full_sdxl": args.full_sdxl,
+        Path(args.json).write_text(json.dumps({**result, "resolution": args.resolution, "full_sd15": args.full_sd15, "full_sdxl": args.full_sdxl, "clock": clock.UNIT,
                                                "layers": len(layers)}, indent=1))
 
 

@@ -22,13 +22,15 @@ import resource
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import _clock as clock  # noqa: E402
 
 from hypernet import (  # noqa: E402
     FeatureSpec, FinetuneConfig, HyperNetConfig, HyperNetwork, LidbConfig, LoraWeights, NoiseSchedule, locate_targets,
@@ -83,10 +85,10 @@ def main() -> None:
     base_rss = rss_mb()
     times = []
     for _ in range(3):
-        start = time.perf_counter()
+        start = clock.now()
         with torch.no_grad():
             subject = predict_subject_lora(hypernet, encoder.features(image, "penultimate_hidden_states"), base_arch=args.arch)
-        times.append(time.perf_counter() - start)
+        times.append(clock.now() - start)
     rows.append(("hypernetwork prediction", statistics.median(times), "measured (median of 3)", rss_mb() - base_rss))
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -128,9 +130,9 @@ def main() -> None:
         samples = []
 
         def callback(step, loss):
-            samples.append(time.perf_counter())
+            samples.append(clock.now())
 
-        begin = time.perf_counter()
+        begin = clock.now()
         rank_relaxed_finetune(modules, start_lora, latents, denoiser, schedule, FinetuneConfig(steps=args.measure_steps + 1, rank=4), callback)
         steps = [b - a for a, b in zip([begin] + samples[:-1], samples)][1:]  # drop the warm-up step
         return statistics.median(steps)
@@ -156,7 +158,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"arch": args.arch, "resolution": args.resolution, "seconds": {name: seconds for name, seconds, _, _ in rows},
                                                "how": {name: how for name, _, how, _ in rows}, "prediction_mb": rows[0][3],
                                                "finetune_peak_mb": train_mb, "sizes": sizes, "layers": len(layers),
-                                               "unet_only_finetune": args.unet_only}, indent=1))
+                                               "unet_only_finetune": args.unet_only, "clock": clock.UNIT}, indent=1))
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def print_summary(title: str, personalise: dict, sampling: dict, training: dict)
     import torch
 
     print(f"\n{title}; {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {sampling.get('device', 'cpu')}")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {sampling.get('device', 'cpu')}; times in {sampling.get('clock', 'wall-clock seconds')}")
     print(f"{'comparison':58s} {'value':>12s} {'ratio':>8s}")
     seconds = personalise["seconds"]
     first = next(iter(seconds.values()))

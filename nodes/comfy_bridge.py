@@ -104,11 +104,16 @@ def _refuse_other_family(made_for: str, thing: str, model) -> None:
     raise TargetMismatchError(f"this {thing} was made for {family_name(wanted)}, but the connected MODEL is {_describe_model(model)}. {advice}")
 
 
+def _made_for(base_arch: str | None, layers) -> str:
+    """The base a file says it was made for, or (files from elsewhere, 'unknown') the family its layers imply."""
+    return base_arch if base_arch and base_arch != "unknown" else family_of_layers(layers)
+
+
 def check_hypernet_fits(hypernet, model, clip) -> None:
     """Refuse a hypernetwork made for another base model, naming both and the first difference."""
     wanted = hypernet.layers
     info = getattr(hypernet, "info", None)
-    _refuse_other_family(info.base_arch if info is not None else family_of_layers(wanted), "hypernetwork", model)
+    _refuse_other_family(_made_for(info.base_arch if info is not None else None, wanted), "hypernetwork", model)
     needs_text = any("_text_model_" in layer.name for layer in wanted)
     if needs_text and clip is None:
         raise TargetMismatchError(
@@ -128,7 +133,7 @@ def check_lora_fits(lora_model: dict, model) -> LoraWeights:
     lora = lora_weights_from_lora_model(lora_model)
     subject = getattr(lora_model, "subject", None)
     layers = [TargetLayer(n, lora.down[n].shape[-1], lora.up[n].shape[-2]) for n in lora.names]
-    _refuse_other_family(subject.base_arch if subject is not None else family_of_layers(layers), "subject LoRA", model)
+    _refuse_other_family(_made_for(subject.base_arch if subject is not None else None, layers), "subject LoRA", model)
     found = {layer.name: layer for layer in model_targets(model).layers}
     unet_layers = [layer for layer in layers if layer.name.startswith("lora_unet_")]
     misfits = [layer.name for layer in unet_layers if found.get(layer.name) != layer]

@@ -11,7 +11,7 @@ import comfy.utils
 
 from ..hypernet import FinetuneConfig, NoiseSchedule, SubjectLora, locate_targets, rank_relaxed_finetune
 from ..hypernet.lora import LoraWeights
-from .comfy_bridge import CATEGORY, apply_lora_model, as_rgb, check_lora_fits, lora_model_from_subject, unet_part
+from .comfy_bridge import CATEGORY, apply_lora_model, as_rgb, check_lora_fits, lora_model_from_subject, model_family, unet_part
 
 log = logging.getLogger("subject_hypernet")
 
@@ -107,7 +107,7 @@ class RankRelaxedFinetune:
         subject = SubjectLora(
             layers=source.layers if source is not None else _layers_of(merged),
             lora=merged,
-            base_arch=source.base_arch if source is not None else "unknown",
+            base_arch=source.base_arch if source is not None else model_family(model)[0],  # tuned on this model
             provenance={**(source.provenance if source is not None else {}), "finetune": {"steps": steps, "rank": rank, "learning_rate": learning_rate, "seed": seed, "final_loss": result.losses[-1] if result.losses else None}},
         )
         lora_model = lora_model_from_subject(subject)
