@@ -21,7 +21,7 @@ from hypernet import FeatureSpec, HyperNetConfig, HyperNetwork, LidbConfig, expa
 from hypernet.lidb import LidbBasis
 from hypernet.subject import SubjectLora, predict_subject_lora
 from hypernet.targets import family_of_layers, from_sgm_name, to_sgm_name
-from training.backbone import SDXL_CONFIG_DIR, TextConditioning, load_backbone, native_resolution, tiny_sdxl_backbone
+from training.backbone import TextConditioning, load_backbone, native_resolution, sdxl_target_layers, tiny_sdxl_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -32,19 +32,8 @@ def tiny_sdxl():
     return tiny_sdxl_backbone(seed=3)
 
 
-def full_sdxl_layers():
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL_CONFIG_DIR / "unet"))
-        te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(SDXL_CONFIG_DIR / "text_encoder"))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(SDXL_CONFIG_DIR / "text_encoder_2"))
-    return locate_targets(unet, [te1, te2]).layers
-
-
 def test_full_size_sdxl_targets_lidb_size_and_file_sizes(tmp_path):
-    layers = full_sdxl_layers()
+    layers = sdxl_target_layers()
     prefixes = [layer.name.split("_text_model_")[0] if "_text_model_" in layer.name else "lora_unet" for layer in layers]
     assert (prefixes.count("lora_unet"), prefixes.count("lora_te1"), prefixes.count("lora_te2")) == (560, 48, 128)
     assert family_of_layers(layers) == "sdxl"
@@ -75,7 +64,7 @@ def test_kohya_sdxl_names_are_the_sgm_blocks():
     assert to_sgm_name("lora_unet_up_blocks_0_attentions_2_transformer_blocks_0_attn2_to_k") == "lora_unet_output_blocks_2_1_transformer_blocks_0_attn2_to_k"
     assert to_sgm_name("lora_unet_up_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q") == "lora_unet_output_blocks_3_1_transformer_blocks_1_attn1_to_q"
     assert to_sgm_name("lora_te2_text_model_encoder_layers_0_self_attn_q_proj") == "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
-    names = [layer.name for layer in full_sdxl_layers()]
+    names = [layer.name for layer in sdxl_target_layers()]
     sgm = [to_sgm_name(n) for n in names]
     assert len(set(sgm)) == len(names) and [from_sgm_name(n) for n in sgm] == names
 

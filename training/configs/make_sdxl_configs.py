@@ -9,7 +9,6 @@ The tokenizers are SD1.5's CLIP BPE files (``sd15/tokenizer``); the second one p
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -49,7 +48,6 @@ def main() -> None:
     for name, config in (("text_encoder", clip_l), ("text_encoder_2", clip_g)):
         (OUT / name).mkdir(parents=True, exist_ok=True)
         config.save_pretrained(OUT / name)
-    (OUT / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}, indent=2) + "\n")
     print(f"wrote {OUT}")
 
 
