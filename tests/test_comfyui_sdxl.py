@@ -118,7 +118,18 @@ for implementation in ("comfy_hooks", "batched"):
     hm[implementation] = float((run(g) - expected).abs().max())
 result["hmcfg"] = hm
 
-# 3. what ComfyUI computes on this checkpoint, then the training package's backbone on the same file
+# 3. models of other families (SD3, Flux, the refiner, SD2: their config classes, no weights needed) are refused by name
+import types, comfy.supported_models as supported
+stub = types.SimpleNamespace(layers=targets.layers, info=types.SimpleNamespace(base_arch="sdxl"))
+result["foreign"] = {}
+for config_class in (supported.SD3, supported.Flux, supported.SDXLRefiner, supported.SD20):
+    try:
+        bridge.check_hypernet_fits(stub, types.SimpleNamespace(model=types.SimpleNamespace(model_config=config_class({}))), None)
+        result["foreign"][config_class.__name__] = "accepted"
+    except Exception as error:
+        result["foreign"][config_class.__name__] = str(error)
+
+# 4. what ComfyUI computes on this checkpoint, then the training package's backbone on the same file
 comfy.model_management.unload_all_models()
 g = torch.Generator().manual_seed(5)
 x, context, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 2048, generator=g), torch.tensor([10.0, 700.0])
@@ -227,6 +238,13 @@ def test_other_family_is_refused_naming_both(sdxl_run, case, node, message):
     error = sdxl_run["results"][case]["execution_error"]
     assert error is not None and error["node_type"] == node, error
     assert message in error["exception_message"]
+
+
+@pytest.mark.parametrize("comfy_class, named", [("SD3", "SD3"), ("Flux", "Flux"), ("SDXLRefiner", "SDXL refiner (ComfyUI model type SDXLRefiner)"),
+                                                ("SD20", "SD2.x (ComfyUI model type SD20)")])
+def test_models_of_unsupported_families_are_refused_naming_what_was_found(sdxl_run, comfy_class, named):
+    message = code_result(sdxl_run)["foreign"][comfy_class]
+    assert message == f"this hypernetwork was made for SDXL, but the connected MODEL is {named}. This pack supports the SD1.5 and SDXL families."
 
 
 def test_sdxl_hmcfg_guider_equals_the_pure_function_of_three_model_predictions(sdxl_run):
