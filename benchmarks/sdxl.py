@@ -36,13 +36,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = str(args.resolution)
-    repeats = "1" if args.quick else "2"
+    repeats = "1" if args.quick else "2"  # CPU time is steadier than wall time here; an SDXL step is ~30 CPU-s at 128 px
     memory = run("sdxl_memory.py", ["--resolution", "1024", "--batch-sizes", "1", "2"], out / "sdxl_memory.json", args.reuse)
     personalise = run("personalise.py", ["--arch", "sdxl", "--unet-only", "--resolution", res, "--measure-steps", "2"], out / "personalise.json", args.reuse)
     training = run("train_step.py", ["--backbone", "sdxl-random", "--unet-only", "--resolution", res, "--batch-size", "1", "--repeats", repeats, "--warmup", "1"],
                    out / "train_step.json", args.reuse)
-    sampling = run("comfy_sampling.py", ["--full-sdxl", "--resolution", res, "--steps", "3", "--repeats", repeats,
-                                         "--memory-runs", "3" if args.quick else "5"], out / "comfy_sampling.json", args.reuse)
+    sampling = run("comfy_sampling.py", ["--full-sdxl", "--resolution", res, "--steps", "2", "--repeats", repeats,
+                                         "--memory-runs", "2"], out / "comfy_sampling.json", args.reuse)
     print_summary(f"SDXL architecture, random weights, {args.resolution} px", personalise, sampling, training)
     gib = 2**30
     for name, row in memory["rows"].items():
