@@ -3,6 +3,7 @@ measured inside a real ComfyUI (0.3.75, CPU unless a GPU is present), side by si
 
     python benchmarks/comfy_sampling.py                                  # smallest SD1.5-shaped checkpoint
     python benchmarks/comfy_sampling.py --full-sd15 --resolution 256     # full-size SD1.5 UNet, random weights
+    python benchmarks/comfy_sampling.py --full-sdxl --resolution 128     # full-size SDXL UNet (both text encoders), random weights
 
 The 3-prediction HM-CFG needs 1.5x the UNet work of CFG (3 predictions instead of 2); this reports how
 close each implementation gets: 'comfy_hooks' (ComfyUI weight hooks: the subject prediction runs as a
@@ -18,9 +19,11 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "scripts")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "scripts"), str(REPO / "benchmarks")]
 
-from comfyui_support.fixtures import build_model_files  # noqa: E402
+import _clock as clock  # noqa: E402
+
+from comfyui_support.fixtures import build_model_files, build_sdxl_model_files  # noqa: E402
 from comfyui_support.harness import run_in_comfyui  # noqa: E402
 from get_comfyui import ensure_comfyui  # noqa: E402
 
@@ -49,10 +52,43 @@ state.update({k: v for k, v in small.items() if not k.startswith("model.diffusio
 save_file(state, out)
 """
 
+# SDXL base's UNet (ComfyUI's own class and key layout) with random fp16 weights, generated tensor by tensor (the
+# module is built on the meta device, so the 10 GB float32 model never exists); text encoders and TAESD come from
+# the smallest SDXL fixture, whose text encoders are already full size.
+FULL_SDXL = r"""
+import math, sys, torch
+comfy_root, out = sys.argv[1], sys.argv[2]
+sys.path.insert(0, comfy_root)
+import comfy.cli_args; comfy.cli_args.args.cpu = True
+import comfy.ops
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+g = torch.Generator().manual_seed(0)
+with torch.device("meta"):
+    unet = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=2, channel_mult=[1, 2, 4],
+                     transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10, transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+                     context_dim=2048, num_head_channels=64, use_spatial_transformer=True, use_linear_in_transformer=True, legacy=False,
+                     num_classes="sequential", adm_in_channels=2816, operations=comfy.ops.disable_weight_init)
+norms = {id(m.weight) for m in unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))}
+state = {}
+for name, p in unet.named_parameters():
+    if id(p) in norms: v = torch.ones(p.shape)
+    elif p.dim() >= 2: v = (torch.rand(p.shape, generator=g) * 2 - 1) / math.sqrt(p[0].numel())
+    else: v = torch.zeros(p.shape)
+    state["model.diffusion_model." + name] = v.half()
+with safe_open(sys.argv[3], "pt") as small:
+    for key in small.keys():
+        if not key.startswith("model.diffusion_model."):
+            state[key] = small.get_tensor(key)
+save_file(state, out)
+"""
+
 CODE = r"""
 import time, statistics, resource, torch, sys
 import nodes as core, comfy.samplers, comfy.model_management
 cfg = spec["bench"]
+clock = time.process_time if cfg["cpu_clock"] else time.perf_counter  # see benchmarks/_clock.py
 model, clip, vae = core.CheckpointLoaderSimple().load_checkpoint(cfg["ckpt"])[:3]
 hypernet = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_LoadHyperNet"]().load(cfg["hypernet"])["result"][0]
 clip_vision = core.CLIPVisionLoader().load_clip(cfg["clip_vision"])[0]
@@ -61,7 +97,7 @@ predict = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_PredictSubjectLora"]()
 predict.predict(hypernet, clip_vision, image, model, 1.0, clip, 1.0)  # warm-up
 t = []
 for _ in range(5):
-    start = time.perf_counter(); model_s, clip_s, lora = predict.predict(hypernet, clip_vision, image, model, 1.0, clip, 1.0); t.append(time.perf_counter() - start)
+    start = clock(); model_s, clip_s, lora = predict.predict(hypernet, clip_vision, image, model, 1.0, clip, 1.0); t.append(clock() - start)
 predict_s = statistics.median(t)
 encode = lambda c, text: core.CLIPTextEncode().encode(c, text)[0]
 pos, neg, subj = encode(clip, "a photo of a sks toy"), encode(clip, "blurry"), encode(clip_s, "a photo of a sks toy")
@@ -81,7 +117,7 @@ for fn in cases.values():
 times = {k: [] for k in cases}
 for r in range(cfg["repeats"]):
     for name, fn in cases.items():
-        start = time.perf_counter(); fn(r + 1); times[name].append((time.perf_counter() - start) / steps)
+        start = clock(); fn(r + 1); times[name].append((clock() - start) / steps)
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
 before = rss()
 for i in range(cfg["memory_runs"]):
@@ -95,6 +131,7 @@ result = {"predict_s": predict_s, "per_step_s": {k: statistics.median(v) for k, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full-sd15", action="store_true", help="full-size SD1.5 UNet (random weights) instead of the smallest SD1.5-shaped one")
+    parser.add_argument("--full-sdxl", action="store_true", help="full-size SDXL UNet (random weights, both text encoders) instead")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
@@ -119,11 +156,22 @@ def main() -> None:
             ckpt = REPO / ".cache" / "bench_full_sd15.safetensors"
             if not ckpt.exists():
                 subprocess.run([sys.executable, "-c", FULL_SD15, str(comfy_root), str(ckpt), str(files["checkpoint"])], check=True)
+        if args.full_sdxl:
+            ckpt = REPO / ".cache" / "bench_full_sdxl.safetensors"
+            if not ckpt.exists():
+                small = build_sdxl_model_files(comfy_root, REPO / ".cache")["checkpoint"]
+                subprocess.run([sys.executable, "-c", FULL_SDXL, str(comfy_root), str(ckpt), str(small)], check=True)
         (work / "checkpoints" / ckpt.name).symlink_to(ckpt)
-        backbone = load_backbone(str(ckpt))
         from hypernet import locate_targets
 
-        layers = locate_targets(backbone.unet, [backbone.text_encoder]).layers
+        if args.full_sdxl:  # the same names and shapes from the shipped configs, without reading 7 GB into float32
+            from training.backbone import sdxl_target_layers
+
+            layers, arch = sdxl_target_layers(), "sdxl"
+        else:
+            backbone = load_backbone(str(ckpt))
+            layers, arch = locate_targets(backbone.unet, backbone.text_encoders).layers, backbone.arch
+            del backbone
         torch.manual_seed(0)
         config = HyperNetConfig(features=FeatureSpec(dim=1024, tokens=257, encoder="ViT-L/14"), width=256, depth=2, heads=8, iterations=4, lidb=LidbConfig())
         hypernet = HyperNetwork(config, layers)
@@ -131,10 +179,9 @@ def main() -> None:
             for p in hypernet.heads.weights:
                 p.normal_(0, 0.02)
         (work / "hypernets").mkdir()
-        save_hypernet(work / "hypernets" / "bench.safetensors", hypernet, base_arch="sd15")
-        del backbone
+        save_hypernet(work / "hypernets" / "bench.safetensors", hypernet, base_arch=arch)
         bench = {"ckpt": ckpt.name, "hypernet": "bench.safetensors", "clip_vision": files["clip_vision"].name, "resolution": args.resolution,
-                 "steps": args.steps, "repeats": args.repeats, "memory_runs": args.memory_runs}
+                 "steps": args.steps, "repeats": args.repeats, "memory_runs": args.memory_runs, "cpu_clock": clock.CPU_TIME}
         code = "spec['bench'] = " + json.dumps(bench) + "\n" + CODE
         report = run_in_comfyui(comfy_root, work / "run", models={"checkpoints": [work / "checkpoints"], "hypernets": [work / "hypernets"],
                                                                   "clip_vision": [files["clip_vision"].parent]}, prompts=[], code=code, timeout=7200)
@@ -142,7 +189,8 @@ def main() -> None:
         raise SystemExit(report["code_error"])
     result = report["code_result"]
     plain = result["per_step_s"]["plain KSampler (CFG, 2 predictions)"]
-    print(f"ComfyUI 0.3.75, {'full-size SD1.5 UNet' if args.full_sd15 else 'smallest SD1.5-shaped UNet'} (random), {args.resolution}px, "
+    model = "full-size SDXL UNet" if args.full_sdxl else "full-size SD1.5 UNet" if args.full_sd15 else "smallest SD1.5-shaped UNet"
+    print(f"ComfyUI 0.3.75, {model} (random), {args.resolution}px, "
           f"{args.steps} steps x {args.repeats} repeats, device {result['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'sampler':40s} {'s/step':>8s} {'ratio':>7s}")
     for name, value in result["per_step_s"].items():
@@ -150,7 +198,8 @@ def main() -> None:
     print(f"Predict Subject LoRA (CLIP vision + hypernet, {len(layers)} layers): {result['predict_s'] * 1000:.0f} ms")
     print(f"RSS before / after {args.memory_runs} repeated HM-CFG runs of each implementation: {result['rss_before_mb']:.0f} / {result['rss_after_mb']:.0f} MB")
     if args.json:
-        Path(args.json).write_text(json.dumps({**result, "resolution": args.resolution, "full_sd15": args.full_sd15, "layers": len(layers)}, indent=1))
+        Path(args.json).write_text(json.dumps({**result, "resolution": args.resolution, "full_sd15": args.full_sd15, "full_sdxl": args.full_sdxl, "clock": clock.UNIT,
+                                               "layers": len(layers)}, indent=1))
 
 
 if __name__ == "__main__":

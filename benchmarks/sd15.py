@@ -54,10 +54,15 @@ def main() -> None:
     training = run("train_step.py", ["--backbone", "sd15-random", "--resolution", res, "--batch-size", "1", "--repeats", repeats, "--warmup", "1"],
                    out / "train_step.json", args.reuse)
 
+    print_summary(f"SD1.5 architecture, random weights, {args.resolution} px", personalise, sampling, training)
+
+
+def print_summary(title: str, personalise: dict, sampling: dict, training: dict) -> None:
+    """One table from the three scripts' JSON results (benchmarks/sdxl.py prints the same)."""
     import torch
 
-    print(f"\nSD1.5 architecture, random weights, {args.resolution} px; {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {sampling.get('device', 'cpu')}")
+    print(f"\n{title}; {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {sampling.get('device', 'cpu')}; times in {sampling.get('clock', 'wall-clock seconds')}")
     print(f"{'comparison':58s} {'value':>12s} {'ratio':>8s}")
     seconds = personalise["seconds"]
     first = next(iter(seconds.values()))

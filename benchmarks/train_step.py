@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                       # tiny preset (tiny random backbone), CPU
     python benchmarks/train_step.py --backbone sd15-random --resolution 512 --batch-size 4 --mixed-precision bf16 --gradient-checkpointing
+    python benchmarks/train_step.py --backbone sdxl-random --resolution 128 --batch-size 1 --repeats 3 --warmup 1
 
 Both steps: VAE encode, text encode, UNet forward/backward with LoRA on the same target layers, AdamW step.
 Hypernet step = image-encoder features + hypernetwork forward (s refinement rounds) + a *different* LoRA per
@@ -16,27 +17,30 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import _clock as clock  # noqa: E402
 
 
 def build(args):
     from hypernet import HyperNetConfig, HyperNetwork, LidbConfig, NoiseSchedule, locate_targets
     from training.config import PRESETS, TrainConfig
     from training.image_encoder import load_image_encoder
+    from training.backbone import TextConditioning
     from training.objective import Batch, HypernetObjective
 
     config = TrainConfig(**{**PRESETS["tiny"], "batch_size": args.batch_size, "resolution": args.resolution})
-    if args.backbone == "sd15-random":
-        from training.backbone import sd15_random_backbone
+    if args.backbone in ("sd15-random", "sdxl-random"):
+        from training.backbone import sd15_random_backbone, sdxl_random_backbone
 
-        backbone = sd15_random_backbone()
-        config = TrainConfig(**{**PRESETS["sd15"], "batch_size": args.batch_size, "resolution": args.resolution})
+        backbone = sd15_random_backbone() if args.backbone == "sd15-random" else sdxl_random_backbone(text_encoders=not args.unet_only)
+        config = TrainConfig(**{**PRESETS[args.backbone.split("-")[0]], "batch_size": args.batch_size, "resolution": args.resolution})
         encoder = load_image_encoder("tiny")  # encoder cost is small and identical across runs; kept tiny offline
     else:
         from training.backbone import load_backbone
@@ -45,14 +49,23 @@ def build(args):
         encoder = load_image_encoder("tiny")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    for part in (backbone.unet, backbone.text_encoder):
+    for part in (backbone.unet, *backbone.text_encoders):
         part.to(device, dtype).requires_grad_(False)
     backbone.vae.to(device).requires_grad_(False)
     encoder.model.to(device)
     if args.gradient_checkpointing:
         backbone.unet.enable_gradient_checkpointing()
-        backbone.text_encoder.gradient_checkpointing_enable()
-    unet_targets, text_targets = locate_targets(backbone.unet), locate_targets(None, [backbone.text_encoder])
+        for text_encoder in backbone.text_encoders:
+            text_encoder.gradient_checkpointing_enable()
+    if args.unet_only:  # no text-encoder targets, and the prompt arrives encoded (random values of the right shapes)
+        width, pooled = backbone.encoded_prompt_shape()
+        encoded = TextConditioning(torch.randn(1, 77, width).to(device), None if pooled is None else torch.randn(1, pooled).to(device))
+        backbone.text_encoder = backbone.text_encoder_2 = None
+        backbone.encode_prompts = lambda prompts, device=None: TextConditioning(
+            encoded.context.expand(len(prompts), -1, -1), None if encoded.pooled is None else encoded.pooled.expand(len(prompts), -1))
+        config.text_encoder_targets = False
+    unet_targets = locate_targets(backbone.unet)
+    text_targets = locate_targets(None, backbone.text_encoders) if backbone.text_encoders else None
     schedule = NoiseSchedule(backbone.noise_scheduler.alphas_cumprod.float())
     generator = torch.Generator().manual_seed(0)
     size = args.resolution
@@ -67,7 +80,7 @@ def run_variant(args) -> dict:
      Batch, HypernetObjective, HyperNetwork, HyperNetConfig, LidbConfig) = build(args)
     autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
     if args.variant == "hypernet":
-        layers = unet_targets.layers + text_targets.layers
+        layers = unet_targets.layers + (text_targets.layers if text_targets is not None else [])
         hyper_config = HyperNetConfig(features=encoder.feature_spec(config.hidden_state), width=config.width, depth=config.depth, heads=config.heads,
                                       iterations=config.iterations, lidb=LidbConfig(config.lidb_rank, config.lidb_a, config.lidb_b))
         model = HyperNetwork(hyper_config, layers).to(device)
@@ -82,49 +95,49 @@ def run_variant(args) -> dict:
 
         rank = config.lidb_rank
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), backbone.unet)
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), backbone.text_encoder)
-        backbone.unet.to(device)
-        backbone.text_encoder.to(device)
-        model = torch.nn.ModuleList([backbone.unet, backbone.text_encoder])
-        tokenizer = backbone.tokenizer
+        for text_encoder in backbone.text_encoders:
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), text_encoder)
+        for part in (backbone.unet, *backbone.text_encoders):
+            part.to(device)
+        model = torch.nn.ModuleList([backbone.unet, *backbone.text_encoders])
 
         def step(generator):
             with torch.no_grad():
                 latents = backbone.encode_images(pixels)
             noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
             t = torch.randint(0, 1000, (len(captions),), generator=generator).to(device)
-            ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(device)
             with autocast:
-                context = backbone.text_encoder(ids)[0]
-                prediction = backbone.unet(schedule.add_noise(latents, noise, t), t, context).sample
+                conditioning = backbone.encode_prompts(captions, device)
+                prediction = backbone.predict_noise(schedule.add_noise(latents, noise, t), t, conditioning)
             (prediction.float() - noise.float()).pow(2).mean().backward()
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     times = []
     for index in range(args.warmup + args.repeats):
-        start = time.perf_counter()
+        start = clock.now()
         optimizer.zero_grad()
         step(torch.Generator().manual_seed(index))
         optimizer.step()
         if device == "cuda":
             torch.cuda.synchronize()
         if index >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(clock.now() - start)
     import resource
 
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"variant": args.variant, "median_s": statistics.median(times), "times": times, "peak_mb": peak,
-            "trainable": sum(p.numel() for p in params), "device": device}
+            "trainable": sum(p.numel() for p in params), "device": device, "clock": clock.UNIT}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", choices=["tiny", "sd15-random"], default="tiny")
+    parser.add_argument("--backbone", choices=["tiny", "sd15-random", "sdxl-random"], default="tiny")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--unet-only", action="store_true", help="UNet targets only, prompt pre-encoded, text encoders not loaded (SDXL's diffusers LoRA default)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", help="also write the numbers to this JSON file (benchmarks/sd15.py reads it)")

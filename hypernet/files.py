@@ -27,7 +27,7 @@ from .errors import FileFormatError, HyperNetError
 from .hypernetwork import HyperNetConfig, HyperNetwork
 from .lidb import LidbBasis, LidbConfig
 from .lora import LoraWeights
-from .targets import TargetLayer, targets_from_json, targets_hash, targets_to_json
+from .targets import TargetLayer, from_sgm_name, targets_from_json, targets_hash, targets_to_json, to_sgm_name, unet_naming_for
 
 FORMAT_VERSION = 1
 HYPERNET_FORMAT = "subject_hypernet"
@@ -407,21 +407,27 @@ def load_hypernet(path: str | os.PathLike, device: str | torch.device = "cpu") -
 # ----------------------------------------------------------------------------- standard subject LoRA (kohya)
 
 
-def lora_to_kohya(lora: LoraWeights, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """kohya keys (``<name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``); alpha = rank, so scale 1."""
+def lora_to_kohya(lora: LoraWeights, dtype: torch.dtype = torch.float32, naming: str = "diffusers") -> dict[str, torch.Tensor]:
+    """kohya keys (``<name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``); alpha = rank, so scale 1.
+
+    ``naming``: how UNet layers are spelled -- 'diffusers' (kohya's SD1.5 files) or 'sgm' (its SDXL files,
+    ``lora_unet_input_blocks_4_1_...``); :func:`hypernet.targets.unet_naming_for` picks it from the base.
+    """
     if lora.batch_size is not None:
         raise HyperNetError("select one subject's LoRA before exporting it")
+    spell = to_sgm_name if naming == "sgm" else (lambda name: name)
     state = {}
     for name in lora.names:
         rank = lora.rank(name)
-        state[f"{name}.lora_down.weight"] = lora.down[name].detach().to("cpu", dtype).contiguous()
-        state[f"{name}.lora_up.weight"] = lora.up[name].detach().to("cpu", dtype).contiguous()
-        state[f"{name}.alpha"] = torch.tensor(float(rank), dtype=dtype)
+        key = spell(name)
+        state[f"{key}.lora_down.weight"] = lora.down[name].detach().to("cpu", dtype).contiguous()
+        state[f"{key}.lora_up.weight"] = lora.up[name].detach().to("cpu", dtype).contiguous()
+        state[f"{key}.alpha"] = torch.tensor(float(rank), dtype=dtype)
     return state
 
 
 def kohya_to_lora(state: dict[str, torch.Tensor], what: str = "LoRA") -> LoraWeights:
-    """Parse kohya keys back into factors, folding ``alpha / rank`` into ``up``.
+    """Parse kohya keys (either UNet naming) back into factors under canonical names, folding ``alpha / rank`` into ``up``.
 
     A missing alpha, or an alpha of 0, means alpha = rank (scale 1), as kohya's own loader reads it.
     """
@@ -448,8 +454,9 @@ def kohya_to_lora(state: dict[str, torch.Tensor], what: str = "LoRA") -> LoraWei
                 if stored.numel() != 1:
                     raise FileFormatError(f"{what}: {name}.alpha should be one number, it holds {stored.numel()}")
                 alpha = float(stored) or float(rank)
-            down[name] = down_tensor
-            up[name] = up_tensor * (alpha / rank)
+            canonical = from_sgm_name(name)
+            down[canonical] = down_tensor
+            up[canonical] = up_tensor * (alpha / rank)
     if not down:
         raise FileFormatError(f"{what}: no kohya LoRA keys ('*.lora_down.weight') found")
     return LoraWeights(down, up)
@@ -464,7 +471,7 @@ def save_subject_lora(
     dtype: torch.dtype = torch.float32,
     provenance: dict | None = None,
 ) -> Path:
-    """A standard kohya LoRA: ComfyUI's LoraLoader, A1111 and diffusers load it as is."""
+    """A standard kohya LoRA: ComfyUI's LoraLoader, A1111 and diffusers load it as is (SDXL in kohya's SDXL naming)."""
     lora.check_against(layers)
     ranks = sorted({lora.rank(n) for n in lora.names})
     metadata = {
@@ -478,7 +485,7 @@ def save_subject_lora(
         "ss_network_alpha": str(ranks[-1]),
         "ss_base_model_version": {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}.get(base_arch, base_arch),
     }
-    return write_safetensors_atomic(lora_to_kohya(lora, dtype), metadata, path)
+    return write_safetensors_atomic(lora_to_kohya(lora, dtype, unet_naming_for(base_arch)), metadata, path)
 
 
 def load_subject_lora(path: str | os.PathLike) -> tuple[LoraWeights, dict[str, str]]:

@@ -235,6 +235,87 @@ def require_same_targets(expected: Sequence[TargetLayer], found: Sequence[Target
         raise TargetMismatchError(f"{what}: {problem}")
 
 
+# ----------------------------------------------------------------------------- kohya's two UNet namings
+
+# kohya's SD1.5 files name UNet layers after diffusers' modules (``lora_unet_down_blocks_1_attentions_0_...``),
+# its SDXL files after the SGM/LDM modules (``lora_unet_input_blocks_4_1_...``), which is what A1111/Forge
+# expect for SDXL. Both architectures have 2 res blocks per level, so the block arithmetic is fixed:
+#   down_blocks.L.attentions.R <-> input_blocks.(1 + 3L + R).1,  mid_block.attentions.0 <-> middle_block.1,
+#   up_blocks.L.attentions.R <-> output_blocks.(3L + R).1
+UNET_NAMINGS = ("diffusers", "sgm")
+_SGM_RES_BLOCKS = 2
+_DIFFUSERS_BLOCK = re.compile(r"^lora_unet_(?:(down|up)_blocks_(\d+)_attentions_(\d+)|mid_block_attentions_0)_(transformer_blocks_.+)$")
+_SGM_BLOCK = re.compile(r"^lora_unet_(?:(input|output)_blocks_(\d+)_1|middle_block_1)_(transformer_blocks_.+)$")
+
+
+def unet_naming_for(base_arch: str) -> str:
+    """The UNet naming kohya uses for a base architecture: 'sgm' for the SDXL family, else 'diffusers'."""
+    return "sgm" if base_arch.split("-")[0] == "sdxl" else "diffusers"
+
+
+def to_sgm_name(name: str) -> str:
+    """A canonical (diffusers-spelled) kohya name -> kohya's SDXL spelling; other names pass unchanged."""
+    match = _DIFFUSERS_BLOCK.match(name)
+    if match is None:
+        return name
+    side, level, index, tail = match.groups()
+    if side is None:
+        return f"lora_unet_middle_block_1_{tail}"
+    level, index = int(level), int(index)
+    per_level = _SGM_RES_BLOCKS + 1
+    if index >= (_SGM_RES_BLOCKS if side == "down" else per_level):
+        raise TargetMismatchError(f"{name}: SGM (SDXL kohya) names need {_SGM_RES_BLOCKS} res blocks per level; this UNet has more")
+    block = 1 + per_level * level + index if side == "down" else per_level * level + index
+    return f"lora_unet_{'input' if side == 'down' else 'output'}_blocks_{block}_1_{tail}"
+
+
+def from_sgm_name(name: str) -> str:
+    """kohya's SDXL spelling (``lora_unet_input_blocks_4_1_...``) -> the canonical name; other names pass unchanged."""
+    match = _SGM_BLOCK.match(name)
+    if match is None:
+        return name
+    side, block, tail = match.groups()
+    if side is None:
+        return f"lora_unet_mid_block_attentions_0_{tail}"
+    per_level = _SGM_RES_BLOCKS + 1
+    block = int(block)
+    if side == "input":
+        level, index = divmod(block - 1, per_level)
+        if index >= _SGM_RES_BLOCKS:
+            raise TargetMismatchError(f"{name}: input block {block} is a downsampler in the SDXL layout; it has no attention")
+        return f"lora_unet_down_blocks_{level}_attentions_{index}_{tail}"
+    level, index = divmod(block, per_level)
+    return f"lora_unet_up_blocks_{level}_attentions_{index}_{tail}"
+
+
+# ----------------------------------------------------------------------------- base architectures
+
+_FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "sd2": "SD2.x", "sdxl_refiner": "SDXL refiner"}
+_FAMILY_BY_CONTEXT = {768: "sd15", 1024: "sd2", 2048: "sdxl", 1280: "sdxl_refiner"}
+
+
+def base_family(base_arch: str) -> str:
+    """'sdxl-tiny' -> 'sdxl': the family a base architecture belongs to (tiny presets share their family's layout)."""
+    return base_arch.split("-")[0]
+
+
+def family_name(family: str) -> str:
+    return _FAMILY_NAMES.get(family, family)
+
+
+def family_of_layers(layers: Sequence[TargetLayer]) -> str:
+    """The base family a target list was located on: two text encoders mean SDXL; otherwise the width of the
+    UNet's cross-attention context names it (768 SD1.5, 1024 SD2.x, 2048 SDXL, 1280 SDXL refiner)."""
+    components = {layer.name.split("_text_model_")[0] for layer in layers if "_text_model_" in layer.name}
+    if {"lora_te1", "lora_te2"} <= components:
+        return "sdxl"
+    context = next((layer.in_features for layer in layers if layer.name.startswith(UNET_PREFIX) and layer.name.endswith("attn2_to_k")), None)
+    family = _FAMILY_BY_CONTEXT.get(context)
+    if family is None:
+        return f"unknown (cross-attention context width {context})" if context else "unknown"
+    return family
+
+
 def split_by_component(layers: Sequence[TargetLayer]) -> Mapping[str, list[TargetLayer]]:
     """Group a target list by kohya component prefix ('lora_unet', 'lora_te', 'lora_te1', ...)."""
     groups: dict[str, list[TargetLayer]] = {}

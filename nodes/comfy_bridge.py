@@ -15,7 +15,7 @@ import folder_paths
 from ..hypernet import FeatureError, SubjectLora, TargetMismatchError, locate_targets
 from ..hypernet.files import kohya_to_lora, lora_to_kohya
 from ..hypernet.lora import LoraWeights
-from ..hypernet.targets import BoundTargets, describe_mismatch
+from ..hypernet.targets import BoundTargets, TargetLayer, base_family, describe_mismatch, family_name, family_of_layers, unet_naming_for
 
 log = logging.getLogger("subject_hypernet")
 
@@ -42,7 +42,7 @@ class SubjectLoraDict(dict):
 
 
 def lora_model_from_subject(subject: SubjectLora) -> SubjectLoraDict:
-    state = SubjectLoraDict(lora_to_kohya(subject.lora))
+    state = SubjectLoraDict(lora_to_kohya(subject.lora, naming=unet_naming_for(subject.base_arch)))
     state.subject = subject
     return state
 
@@ -72,9 +72,48 @@ def model_targets(model, clip=None) -> BoundTargets:
     return locate_targets(model.model.diffusion_model, text_encoders_of(clip))
 
 
+# ComfyUI's model classes (comfy.supported_models) -> the families the pack knows; subclasses (SSD-1B, Segmind
+# Vega, KOALA are SDXL distillations) inherit their parent's family.
+_COMFY_FAMILIES = {"SD15": "sd15", "SDXL": "sdxl", "SDXLRefiner": "sdxl_refiner", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2"}
+SUPPORTED_FAMILIES = ("sd15", "sdxl")
+
+
+def model_family(model) -> tuple[str, str]:
+    """(family, ComfyUI's model class name) of a MODEL, e.g. ('sdxl', 'SDXL'), ('sdxl', 'Segmind_Vega'), ('Flux', 'Flux')."""
+    config_class = type(model.model.model_config)
+    family = next((_COMFY_FAMILIES[c.__name__] for c in config_class.__mro__ if c.__name__ in _COMFY_FAMILIES), config_class.__name__)
+    return family, config_class.__name__
+
+
+def _describe_model(model) -> str:
+    family, comfy_name = model_family(model)
+    return family_name(family) + (f" (ComfyUI model type {comfy_name})" if family_name(family) != comfy_name else "")
+
+
+def _refuse_other_family(made_for: str, thing: str, model) -> None:
+    """Raise when the ``thing`` ('hypernetwork', 'subject LoRA') made for ``made_for`` (a base arch or family) does not
+    belong to the connected model's family, naming both."""
+    family, _ = model_family(model)
+    wanted = base_family(made_for)
+    if wanted == family and family in SUPPORTED_FAMILIES:
+        return
+    if family in SUPPORTED_FAMILIES:
+        advice = f"Connect a {family_name(wanted)} checkpoint, or use a {thing} made for {family_name(family)}."
+    else:
+        advice = f"This pack supports the {' and '.join(family_name(f) for f in SUPPORTED_FAMILIES)} families."
+    raise TargetMismatchError(f"this {thing} was made for {family_name(wanted)}, but the connected MODEL is {_describe_model(model)}. {advice}")
+
+
+def _made_for(base_arch: str | None, layers) -> str:
+    """The base a file says it was made for, or (files from elsewhere, 'unknown') the family its layers imply."""
+    return base_arch if base_arch and base_arch != "unknown" else family_of_layers(layers)
+
+
 def check_hypernet_fits(hypernet, model, clip) -> None:
-    """Refuse a hypernetwork made for another base model, naming the first difference."""
+    """Refuse a hypernetwork made for another base model, naming both and the first difference."""
     wanted = hypernet.layers
+    info = getattr(hypernet, "info", None)
+    _refuse_other_family(_made_for(info.base_arch if info is not None else None, wanted), "hypernetwork", model)
     needs_text = any("_text_model_" in layer.name for layer in wanted)
     if needs_text and clip is None:
         raise TargetMismatchError(
@@ -84,9 +123,26 @@ def check_hypernet_fits(hypernet, model, clip) -> None:
     problem = describe_mismatch(wanted, found)
     if problem:
         raise TargetMismatchError(
-            f"this hypernetwork was trained for another base model than the one connected ({problem}). "
+            f"this hypernetwork was trained for another base model than the one connected ({_describe_model(model)}; {problem}). "
             "Use the checkpoint family it was made for."
         )
+
+
+def check_lora_fits(lora_model: dict, model) -> LoraWeights:
+    """The LORA_MODEL's factors, after refusing one made for another base model (naming both)."""
+    lora = lora_weights_from_lora_model(lora_model)
+    subject = getattr(lora_model, "subject", None)
+    layers = [TargetLayer(n, lora.down[n].shape[-1], lora.up[n].shape[-2]) for n in lora.names]
+    _refuse_other_family(_made_for(subject.base_arch if subject is not None else None, layers), "subject LoRA", model)
+    found = {layer.name: layer for layer in model_targets(model).layers}
+    unet_layers = [layer for layer in layers if layer.name.startswith("lora_unet_")]
+    misfits = [layer.name for layer in unet_layers if found.get(layer.name) != layer]
+    if not unet_layers or misfits:
+        raise TargetMismatchError(
+            f"this subject LoRA does not fit the connected MODEL ({_describe_model(model)}): {len(misfits)} of its {len(unet_layers)} "
+            f"UNet layers are missing or shaped differently{f' (first: {misfits[0]})' if misfits else ''}"
+        )
+    return lora
 
 
 def as_rgb(image: torch.Tensor) -> torch.Tensor:
@@ -115,8 +171,14 @@ def clip_vision_features(clip_vision, image: torch.Tensor, hidden_state: str) ->
     return features.to(comfy.model_management.intermediate_device(), torch.float32)
 
 
+def unet_keys(lora_model: dict) -> dict:
+    """The diffusion-model part of a kohya dict: what to hand ComfyUI where no CLIP is patched (it would log every
+    text-encoder key as 'not loaded', 528 lines for an SDXL subject LoRA)."""
+    return {key: value for key, value in lora_model.items() if key.startswith("lora_unet_")}
+
+
 def apply_lora_model(model, clip, lora_model: dict, strength_model: float, strength_clip: float):
     """Exactly what the core LoraLoader does with a file's contents: patch clones of MODEL and CLIP."""
     if strength_model == 0 and strength_clip == 0:
         return model, clip
-    return comfy.sd.load_lora_for_models(model, clip, lora_model, strength_model, strength_clip)
+    return comfy.sd.load_lora_for_models(model, clip, lora_model if clip is not None else unet_keys(lora_model), strength_model, strength_clip)

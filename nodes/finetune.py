@@ -11,7 +11,7 @@ import comfy.utils
 
 from ..hypernet import FinetuneConfig, NoiseSchedule, SubjectLora, locate_targets, rank_relaxed_finetune
 from ..hypernet.lora import LoraWeights
-from .comfy_bridge import CATEGORY, apply_lora_model, as_rgb, lora_model_from_subject, lora_weights_from_lora_model, unet_part
+from .comfy_bridge import CATEGORY, apply_lora_model, as_rgb, check_lora_fits, lora_model_from_subject, model_family, unet_part
 
 log = logging.getLogger("subject_hypernet")
 
@@ -27,14 +27,25 @@ def _trainable_copy_of_weights(module: torch.nn.Module) -> None:
                 param.requires_grad_(False)
 
 
-def _eps_denoiser(base_model, cond: torch.Tensor, schedule: NoiseSchedule):
+def _model_conds(base_model, positive, latents: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """The model inputs a prompt becomes, by ComfyUI's own ``extra_conds`` (SDXL: the pooled embedding and the size
+    conditioning as ``y``), with the defaults its samplers use: the latent's pixel size, uncropped."""
+    cond, options = positive[0][0], dict(positive[0][1])
+    options.setdefault("width", latents.shape[-1] * 8)
+    options.setdefault("height", latents.shape[-2] * 8)
+    extra = base_model.extra_conds(**{**options, "cross_attn": cond.detach().clone().to(device), "noise": latents, "device": device})
+    return {name: value.cond.detach().clone().to(device) for name, value in extra.items()}
+
+
+def _eps_denoiser(base_model, conds: dict[str, torch.Tensor], schedule: NoiseSchedule):
     """ComfyUI predicts denoised x0 from ``x0 + sigma * eps`` at noise level sigma; the loop wants eps at DDPM x_t."""
 
     def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         abar = schedule.alphas_cumprod.to(x_t.device)[t].reshape(-1, 1, 1, 1)
         sigma = ((1 - abar) / abar).sqrt()
         x_in = x_t / abar.sqrt()
-        denoised = base_model.apply_model(x_in, sigma.flatten(), c_crossattn=cond.expand(x_t.shape[0], -1, -1))
+        batch = {name: value.expand(x_t.shape[0], *value.shape[1:]) for name, value in conds.items()}
+        denoised = base_model.apply_model(x_in, sigma.flatten(), **batch)
         return (x_in - denoised) / sigma
 
     return denoiser
@@ -69,9 +80,8 @@ class RankRelaxedFinetune:
     CATEGORY = CATEGORY
 
     def finetune(self, model, subject_lora, image, vae, positive, steps, rank, learning_rate, seed):
-        lora = lora_weights_from_lora_model(subject_lora)
+        lora = check_lora_fits(subject_lora, model)
         latents = model.model.process_latent_in(vae.encode(as_rgb(image)))
-        cond = positive[0][0]
         progress = comfy.utils.ProgressBar(steps)
 
         def on_step(step: int, loss: float) -> None:
@@ -90,14 +100,14 @@ class RankRelaxedFinetune:
             config = FinetuneConfig(steps=steps, rank=rank, learning_rate=learning_rate, seed=seed)
             result = rank_relaxed_finetune(
                 targets.modules, unet_part(lora, targets.modules).clone(), latents.detach().clone().to(device),
-                _eps_denoiser(work.model, cond.detach().clone().to(device), schedule), schedule, config, on_step,
+                _eps_denoiser(work.model, _model_conds(work.model, positive, latents.detach().clone().to(device), device), schedule), schedule, config, on_step,
             )
         merged = _with_text_encoder_part(result.lora, lora)
         source = getattr(subject_lora, "subject", None)
         subject = SubjectLora(
             layers=source.layers if source is not None else _layers_of(merged),
             lora=merged,
-            base_arch=source.base_arch if source is not None else "unknown",
+            base_arch=source.base_arch if source is not None else model_family(model)[0],  # tuned on this model
             provenance={**(source.provenance if source is not None else {}), "finetune": {"steps": steps, "rank": rank, "learning_rate": learning_rate, "seed": seed, "final_loss": result.losses[-1] if result.losses else None}},
         )
         lora_model = lora_model_from_subject(subject)

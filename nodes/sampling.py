@@ -12,7 +12,7 @@ import latent_preview
 
 from ..hypernet.guidance import hm_cfg, sigma_in_window
 from ..hypernet.runtime import attach_lora
-from .comfy_bridge import CATEGORY, lora_weights_from_lora_model, model_targets, unet_part
+from .comfy_bridge import CATEGORY, check_lora_fits, lora_weights_from_lora_model, model_targets, unet_keys, unet_part
 
 IMPLEMENTATIONS = ["comfy_hooks", "batched"]
 
@@ -30,7 +30,7 @@ class HMCFGGuider(comfy.samplers.CFGGuider):
 
     def set_conds(self, positive, negative, subject_positive):
         if self.implementation == "comfy_hooks":
-            hooks = comfy.hooks.create_hook_lora(self.lora_model, self.strength, 0.0)
+            hooks = comfy.hooks.create_hook_lora(unet_keys(self.lora_model), self.strength, 0.0)  # the subject prompt arrives encoded
             subject_positive = comfy.hooks.set_hooks_for_conditioning(subject_positive, hooks)
         self.inner_set_conds({"positive": positive, "negative": negative, "subject": subject_positive})
 
@@ -91,6 +91,7 @@ _OPTIONAL = {
 def make_guider(model, subject_lora, positive, negative, cfg_text, cfg_subject, subject_start, subject_end, subject_positive=None, strength=1.0, implementation="comfy_hooks"):
     if subject_start > subject_end:
         raise ValueError(f"subject_start ({subject_start}) must not be after subject_end ({subject_end})")
+    check_lora_fits(subject_lora, model)
     guider = HMCFGGuider(model)
     guider.set_subject(subject_lora, strength, implementation)
     guider.set_conds(positive, negative, subject_positive if subject_positive is not None else positive)

@@ -5,7 +5,8 @@ The layout is made here, so regenerating keeps it: each workflow lists its nodes
 subject LoRA -> sampling -> output) and by column within the stage; every stage becomes a group headed by a
 note that says what the stage does and which widgets to change; the stored view (``extra.ds``) opens at a
 zoom where the front end draws titles and widgets.
-    python scripts/make_ui_workflows.py
+    python scripts/make_ui_workflows.py                        # all of them
+    python scripts/make_ui_workflows.py 'Save a subject LoRA'  # only the named ones
 """
 
 from __future__ import annotations
@@ -209,8 +210,11 @@ def opening_view(width: float, height: float) -> dict:
     return {"scale": scale, "offset": [round(VIEW_ORIGIN[0] / scale, 1), round(VIEW_ORIGIN[1] / scale, 1)]}
 
 
-def main() -> None:
-    apis = {p.stem: json.loads(p.read_text()) for p in sorted((REPO / "workflows" / "api").glob("*.json"))}
+def main(names: list[str]) -> None:
+    apis = {p.stem: json.loads(p.read_text()) for p in sorted((REPO / "workflows" / "api").glob("*.json")) if not names or p.stem in names}
+    unknown = sorted(set(names) - set(apis))
+    if unknown:
+        raise SystemExit(f"no workflows/api/<name>.json for: {', '.join(unknown)}")
     types = sorted({n["class_type"] for api in apis.values() for n in api.values()})
     with tempfile.TemporaryDirectory() as work:
         report = run_in_comfyui(ensure_comfyui(), Path(work), models={}, prompts=[], code=NODE_SPECS_CODE + "\nresult = node_specs", node_types=types)
@@ -222,4 +226,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -21,6 +21,7 @@ WORKFLOW_FILES = {
     "clip_vision": "CLIP-ViT-L-14.safetensors",
     "hypernets": "subject_hypernet_sd15.safetensors",  # hypernet.files.COMFYUI_HYPERNET_NAME
 }
+SDXL_WORKFLOW_FILES = {"checkpoints": "sd_xl_base_1.0.safetensors", "hypernets": "subject_hypernet_sdxl.safetensors"}
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +52,30 @@ def trained_hypernet(comfy_model_files, tmp_path_factory) -> Path:
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     (out / "console.txt").write_text(result.stdout)  # what the trainer told the user
+    return out / "hypernet.safetensors"
+
+
+@pytest.fixture(scope="session")
+def comfy_sdxl_files(comfyui_root) -> dict[str, Path]:
+    from comfyui_support.fixtures import build_sdxl_model_files
+
+    return build_sdxl_model_files(comfyui_root, CACHE)
+
+
+@pytest.fixture(scope="session")
+def trained_sdxl_hypernet(comfy_sdxl_files, comfy_model_files, tmp_path_factory) -> Path:
+    """A hypernetwork trained by `python -m training.train` on the smallest SDXL checkpoint (2 steps: what the tests
+    need is a file made by the trainer for the SDXL layout, both text encoders included)."""
+    out = tmp_path_factory.mktemp("trained_sdxl_hypernet")
+    command = [
+        sys.executable, "-m", "training.train", "--backbone", str(comfy_sdxl_files["checkpoint"]),
+        "--image-encoder", str(comfy_model_files["clip_vision"]), "--data", "synthetic", "--synthetic-subjects", "2",
+        "--synthetic-images-per-subject", "2", "--resolution", "64", "--width", "64", "--depth", "1", "--heads", "4",
+        "--iterations", "2", "--lidb-a", "16", "--lidb-b", "16", "--batch-size", "1", "--max-steps", "2",
+        "--learning-rate", "1e-2", "--sample-subjects", "0", "--output-dir", str(out),
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
     return out / "hypernet.safetensors"
 
 

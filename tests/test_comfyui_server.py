@@ -17,7 +17,7 @@ from comfyui_support.harness import ComfyServer
 from comfyui_support.workflow_format import UI_ONLY_TYPES, strip_meta
 from conftest import prepare_work_dir
 from hypernet.files import COMFYUI_HYPERNET_NAME
-from test_comfyui_workflows import HMCFG, KSAMPLER, WORKFLOWS, bad_variant, load, shrink
+from test_comfyui_workflows import ALL_WORKFLOWS, HMCFG, KSAMPLER, WORKFLOWS, bad_variant, load, shrink
 
 pytestmark = pytest.mark.comfyui
 REPO = Path(__file__).resolve().parents[1]
@@ -77,9 +77,9 @@ def test_template_browser_lists_the_workflows_under_human_titles_with_thumbnails
     # by its file name (getTemplateTitle: title ?? name; no title is read from anywhere else) and shows
     # /api/workflow_templates/<pack>/<name>.jpg as its thumbnail (getTemplateThumbnailUrl)
     listed = server.get("/workflow_templates")["comfyui-subject-hypernet"]
-    assert sorted(listed) == sorted(WORKFLOWS)
+    assert sorted(listed) == sorted(ALL_WORKFLOWS)
     assert all(" " in name and name[0].isupper() for name in listed), listed  # titles, not identifiers
-    for name in WORKFLOWS:
+    for name in ALL_WORKFLOWS:
         base = f"/api/workflow_templates/comfyui-subject-hypernet/{urllib.parse.quote(name)}"
         assert server.get(base + ".json") == json.loads((WORKFLOW_DIR / f"{name}.json").read_text())
         kind, data = server.get_bytes(base + ".jpg")

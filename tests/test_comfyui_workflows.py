@@ -23,7 +23,8 @@ from hypernet.files import COMFYUI_HYPERNET_NAME
 
 pytestmark = pytest.mark.comfyui
 API_DIR = Path(__file__).resolve().parents[1] / "workflows" / "api"
-WORKFLOWS = sorted(p.stem for p in API_DIR.glob("*.json"))
+ALL_WORKFLOWS = sorted(p.stem for p in API_DIR.glob("*.json"))
+WORKFLOWS = [name for name in ALL_WORKFLOWS if not name.lower().startswith("sdxl")]  # SD1.5; test_comfyui_sdxl.py runs the SDXL ones
 # The file names are the titles ComfyUI's template browser shows.
 KSAMPLER, HMCFG, SAVE_LORA, FINETUNE = "Personalise with KSampler", "Personalise with HM-CFG", "Save a subject LoRA", "Personalise, finetune, then HM-CFG"
 INFO_NODE = "20"  # Preview as Text, showing Load HyperNet's info in every workflow

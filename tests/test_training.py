@@ -38,7 +38,7 @@ def test_help_documents_every_option_with_its_default():
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         assert flag in text, flag
-    assert "(default: 0.001)" in text and "--preset {demo,sd15,tiny}" in text
+    assert "(default: 0.001)" in text and "--preset {demo,sd15,sdxl,tiny,tiny-sdxl}" in text
 
 
 def test_demo_run_exports_what_the_nodes_load(tmp_path):
@@ -129,7 +129,7 @@ def test_swapped_and_corrupt_files_are_refused(tmp_path):
     train(*FAST, "--max-steps", "1", "--sample-subjects", "0", "--output-dir", str(run))
     lora = run / "subject_lora.safetensors"
     result = train(*FAST, "--backbone", str(lora), "--output-dir", str(tmp_path / "a"), check=False)
-    assert "is a LoRA: expected a single-file SD1.5 checkpoint" in result.stderr
+    assert "is a LoRA: expected a single-file SD1.5 or SDXL checkpoint" in result.stderr
     result = train(*FAST, "--image-encoder", str(lora), "--output-dir", str(tmp_path / "b"), check=False)
     assert "expected a CLIP vision .safetensors" in result.stderr
     broken = tmp_path / "broken.safetensors"

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from training.backbone import BackboneError, load_backbone, tiny_backbone
+from training.backbone import BackboneError, load_backbone, native_resolution, tiny_backbone
 from training.data import DataError, SubjectFolderDataset
 from training.image_encoder import ImageEncoderError, load_image_encoder, save_image_encoder
 from training.synthetic import SyntheticWorld, write_synthetic_dataset
@@ -135,17 +135,42 @@ def test_diffusers_folder_round_trip_and_refusals(tmp_path):
         load_backbone(str(tmp_path / "partial"))
 
 
+UNET = "model.diffusion_model."
+CLIP_L_SDXL = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
+BIG_G_SDXL = "conditioner.embedders.1.model.token_embedding.weight"
+
+
+def keys_file(path, keys) -> str:
+    """A tiny file with a real checkpoint's key layout (the refusals read only the names)."""
+    save_file({key: torch.zeros(1) for key in keys}, path)
+    return str(path)
+
+
 @pytest.mark.parametrize("keys, message", [
-    ({"model.diffusion_model.label_emb.0.0.weight": torch.zeros(1), "conditioner.embedders.0.transformer.x": torch.zeros(1)}, "SDXL checkpoint"),
-    ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1), "cond_stage_model.model.x": torch.zeros(1)}, "SD2.x checkpoint"),
-    ({"lora_unet_x.lora_down.weight": torch.zeros(1)}, "is a LoRA"),
-    ({"vision_model.embeddings.class_embedding": torch.zeros(1)}, "is a CLIP vision model"),
+    ([UNET + "label_emb.0.0.weight", UNET + "input_blocks.0.0.weight", CLIP_L_SDXL],
+     r"is an SDXL checkpoint with CLIP-L only; both text encoders are needed \(CLIP-L at conditioner.embedders.0.transformer.\*, OpenCLIP bigG at conditioner.embedders.1.model.\*\)"),
+    ([UNET + "label_emb.0.0.weight", UNET + "input_blocks.0.0.weight", BIG_G_SDXL], "is an SDXL checkpoint with OpenCLIP bigG only; both text encoders are needed"),
+    ([UNET + "label_emb.0.0.weight", UNET + "input_blocks.0.0.weight", "conditioner.embedders.0.model.token_embedding.weight"],
+     "is an SDXL refiner checkpoint .*refiners are not supported: supported are SD1.5-family and SDXL-family"),
+    ([UNET + "input_blocks.0.0.weight", "cond_stage_model.model.token_embedding.weight"], "is an SD2.x checkpoint .*supported are SD1.5-family and SDXL-family"),
+    ([UNET + "joint_blocks.0.context_block.attn.qkv.weight", "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"],
+     r"is an SD3 \(MMDiT\) checkpoint; supported are SD1.5-family and SDXL-family"),
+    (["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"], "is a Flux checkpoint; supported are SD1.5-family and SDXL-family"),
+    (["lora_unet_x.lora_down.weight"], "is a LoRA"),
+    (["vision_model.embeddings.class_embedding"], "is a CLIP vision model"),
 ])
-def test_single_file_refusals_name_what_was_found(tmp_path, keys, message):
-    path = tmp_path / "model.safetensors"
-    save_file(keys, path)
+def test_single_file_refusals_name_what_was_found_and_what_is_supported(tmp_path, keys, message):
+    path = keys_file(tmp_path / "model.safetensors", keys)
     with pytest.raises(BackboneError, match=message):
         load_backbone(str(path))
+    with pytest.raises(BackboneError, match=message):  # the resolution default reads the same header, and refuses the same way
+        native_resolution(path)
+
+
+def test_native_resolution_of_single_files_is_read_from_their_keys(tmp_path):
+    sd15 = keys_file(tmp_path / "sd15.safetensors", [UNET + "input_blocks.0.0.weight", "cond_stage_model.transformer.text_model.x"])
+    sdxl = keys_file(tmp_path / "sdxl.safetensors", [UNET + "label_emb.0.0.weight", CLIP_L_SDXL, BIG_G_SDXL])
+    assert (native_resolution(sd15), native_resolution(sdxl)) == (512, 1024)
 
 
 # ------------------------------------------------------------------------------ data reach the model as the user sees them

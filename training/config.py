@@ -23,7 +23,7 @@ def _opt(default: Any, help: str, choices: Sequence[str] | None = None):
 @dataclass
 class TrainConfig:
     # -- inputs
-    backbone: str = _opt("tiny", "Frozen backbone: a diffusers folder, a single-file SD1.5 .safetensors checkpoint, or a preset ('tiny').")
+    backbone: str = _opt("tiny", "Frozen backbone: a diffusers folder or single-file .safetensors checkpoint of the SD1.5 or SDXL family, or a preset ('tiny', 'tiny-sdxl', 'toy').")
     image_encoder: str = _opt("tiny", "Frozen image encoder: a transformers CLIP vision folder, a ComfyUI models/clip_vision .safetensors, or 'tiny'.")
     data: str = _opt("synthetic", "Folder of subject images (one subject per image or per sub-folder), or 'synthetic'.")
     synthetic_subjects: int = _opt(64, "Number of synthetic subjects when data is 'synthetic'.")
@@ -31,7 +31,7 @@ class TrainConfig:
     class_word: str = _opt("toy", "Class word used when a subject has no class.txt.")
     placeholder: str = _opt("sks", "The rare identifier [V] that stands for the subject in prompts.")
     prompt_template: str = _opt("a photo of a {token} {class_word}", "Training prompt when a subject has no caption; {token} and {class_word} are filled in.")
-    resolution: int = _opt(64, "Training resolution in pixels (512 for SD1.5).")
+    resolution: int = _opt(0, "Training resolution in pixels; 0 = the backbone's native one (SD1.5 512, SDXL 1024, the tiny/toy presets 64).")
     flip_prob: float = _opt(0.5, "Probability of a horizontal flip of the target image.")
     output_dir: str = _opt("runs/hypernet", "Where checkpoints, logs, samples and exports go.")
     # -- hypernetwork
@@ -67,6 +67,8 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).")
     mixed_precision: str = _opt("no", "Backbone compute precision.", ("no", "fp16", "bf16"))
     gradient_checkpointing: bool = _opt(False, "Recompute backbone activations in backward to save memory.")
+    cache_latents: bool = _opt(False, "Encode every training image once before training and keep the VAE off the training device.")
+    cache_features: bool = _opt(False, "Compute every reference's image features once and keep the image encoder off the training device.")
     seed: int = _opt(0, "Seed for data order, noise, timesteps and initialisation.")
     # -- logging, checkpoints, samples
     log_every: int = _opt(10, "Steps between metric lines in metrics.jsonl.")
@@ -100,6 +102,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         resolution=64, width=64, depth=2, heads=4, iterations=2, lidb_a=16, lidb_b=16, batch_size=4, learning_rate=1e-3,
         max_steps=150, log_every=10, checkpoint_every=50, sample_steps=10, output_dir="runs/tiny",
     ),
+    # The tiny preset on a tiny random SDXL-shaped backbone (two text encoders, size/crop conditioning): tests and pipeline checks.
+    "tiny-sdxl": dict(
+        backbone="tiny-sdxl", image_encoder="tiny", data="synthetic", synthetic_subjects=24, synthetic_images_per_subject=3,
+        resolution=64, width=64, depth=2, heads=4, iterations=2, lidb_a=16, lidb_b=16, batch_size=4, learning_rate=1e-3,
+        max_steps=150, log_every=10, checkpoint_every=50, sample_steps=10, output_dir="runs/tiny-sdxl",
+    ),
+    # SDXL at 1024 px on one 24 GB GPU: bf16 weights, gradient checkpointing, latents and image features cached
+    # (VAE and image encoder off the GPU); computed ~13 GiB at batch 4 (benchmarks/sdxl_memory.py, docs/methods.md).
+    "sdxl": dict(resolution=1024, width=512, depth=2, heads=8, iterations=4, batch_size=4, learning_rate=1e-4, max_steps=20000,
+                 mixed_precision="bf16", gradient_checkpointing=True, cache_latents=True, cache_features=True, checkpoint_every=500,
+                 sample_every=1000, sample_steps=30, output_dir="runs/sdxl"),
     # SD1.5 at 512 px with the paper's LiDB sizes; point backbone/image_encoder at your local files.
     "sd15": dict(resolution=512, width=512, depth=2, heads=8, iterations=4, batch_size=4, learning_rate=1e-4, max_steps=20000,
                  mixed_precision="bf16", gradient_checkpointing=True, checkpoint_every=500, sample_every=1000, sample_steps=30,
@@ -176,10 +189,23 @@ def load_config(argv: Sequence[str] | None = None) -> TrainConfig:
     loaded = yaml_numbers(_read_yaml(config_path, parser), TrainConfig) if config_path else {}
     values.update(loaded)
     values.update(args)
-    config = TrainConfig(**values)
+    config = with_native_resolution(TrainConfig(**values))
     try:
         check_types(config, {k: v for k, v in loaded.items() if k not in args}, config_path or "")
         check_values(config)
     except ConfigError as error:
         parser.error(str(error))
     return config
+
+
+def with_native_resolution(config: TrainConfig) -> TrainConfig:
+    """``resolution`` 0 replaced by the backbone's native resolution (read from its config or file header)."""
+    if config.resolution:
+        return config
+    from .backbone import native_resolution
+
+    try:
+        return dataclasses.replace(config, resolution=native_resolution(config.backbone))
+    except ValueError as error:  # the backbone file cannot be read or is of an unsupported kind
+        raise SystemExit(f"backbone: {error}") from None
+

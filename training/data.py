@@ -47,6 +47,11 @@ class Sample:
     reference: torch.Tensor  # (H, W, 3) in [0, 1], ComfyUI IMAGE layout
     caption: str
     subject_id: str
+    original_size: tuple[int, int] = (0, 0)  # (height, width) of the image file: SDXL's size conditioning
+    crop_top_left: tuple[int, int] = (0, 0)  # where the square crop starts in the resized image: SDXL's crop conditioning
+    item: int = 0  # which image (index into ``items``), flipped or not: the key of cached latents
+    flipped: bool = False
+    reference_key: tuple[int, int] = (0, 0)  # (subject index, image index) of the reference: the key of cached features
 
 
 def _decode_problem(path: Path) -> tuple[str | None, str]:
@@ -89,11 +94,12 @@ def load_rgb(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def _square(image: Image.Image, resolution: int) -> Image.Image:
+def _square(image: Image.Image, resolution: int) -> tuple[Image.Image, int, int, int]:
+    """Resize the short side to ``resolution`` and crop the centre: (crop, top, left, resized width)."""
     scale = resolution / min(image.size)
     resized = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), Image.BICUBIC)
     left, top = (resized.width - resolution) // 2, (resized.height - resolution) // 2
-    return resized.crop((left, top, left + resolution, top + resolution))
+    return resized.crop((left, top, left + resolution, top + resolution)), top, left, resized.width
 
 
 class SubjectFolderDataset:
@@ -175,18 +181,28 @@ class SubjectFolderDataset:
             text = self.prompt_template  # a caption that never names the subject cannot teach it
         return text.replace("{token}", self.placeholder).replace("{class_word}", subject.class_word)
 
+    def target(self, item: int, flipped: bool = False) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """The training image of ``item`` in [-1, 1] ``(3, R, R)``, its original (height, width) and crop (top, left)."""
+        subject_index, image_index = self.items[item % len(self.items)]
+        image = self._load(self.subjects[subject_index].images[image_index])
+        square, top, left, resized_width = _square(image, self.resolution)
+        if flipped:  # the crop's left edge as seen in the mirrored image
+            square, left = square.transpose(Image.FLIP_LEFT_RIGHT), resized_width - left - self.resolution
+        pixels = torch.from_numpy(np.asarray(square, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+        return pixels, (image.height, image.width), (top, left)
+
     def get(self, index: int, generator: torch.Generator) -> Sample:
-        subject_index, image_index = self.items[index % len(self.items)]
+        item = index % len(self.items)
+        subject_index, image_index = self.items[item]
         subject = self.subjects[subject_index]
-        target = _square(self._load(subject.images[image_index]), self.resolution)
-        if self.flip_prob > 0 and torch.rand((), generator=generator).item() < self.flip_prob:
-            target = target.transpose(Image.FLIP_LEFT_RIGHT)
+        flipped = self.flip_prob > 0 and torch.rand((), generator=generator).item() < self.flip_prob
         reference_index = image_index
         if self.reference_view == "other" and len(subject.images) > 1:
             offset = int(torch.randint(1, len(subject.images), (), generator=generator))
             reference_index = (image_index + offset) % len(subject.images)
-        pixels = torch.from_numpy(np.asarray(target, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-        return Sample(pixels, self.reference(subject_index, reference_index), self.caption_for(subject, subject.images[image_index]), subject.subject_id)
+        pixels, original_size, crop = self.target(item, flipped)
+        return Sample(pixels, self.reference(subject_index, reference_index), self.caption_for(subject, subject.images[image_index]), subject.subject_id,
+                      original_size, crop, item, flipped, (subject_index, reference_index))
 
     def reference(self, subject_index: int, image_index: int = 0) -> torch.Tensor:
         image = self._load(self.subjects[subject_index].images[image_index])

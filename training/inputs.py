@@ -81,9 +81,12 @@ def open_eval_dataset(config, output_dir: Path) -> SubjectFolderDataset | None:
 
 def open_backbone(config, device, dtype) -> Backbone:
     try:
-        return load_backbone(config.backbone, dtype=dtype, device=device, seed=config.seed)
+        backbone = load_backbone(config.backbone, dtype=dtype, device=device, seed=config.seed)
     except (BackboneError, ValueError) as error:
         raise SystemExit(f"backbone: {error}") from None
+    if backbone.is_sdxl and config.token_embedding:
+        raise SystemExit("backbone: the predicted token embedding (--token-embedding) is not supported for SDXL's two text encoders yet")
+    return backbone
 
 
 def open_image_encoder(config, device) -> ImageEncoder:
@@ -95,12 +98,40 @@ def open_image_encoder(config, device) -> ImageEncoder:
         raise SystemExit(f"image encoder: {error}") from None
 
 
+class EncodedCache:
+    """Latents of every training image (both orientations when flips are on) and image features of every reference,
+    computed once before training (``--cache-latents`` / ``--cache-features``). The VAE and the image encoder then
+    leave the training device: at 1024 px their weights and the VAE's activations are several GB a step would
+    otherwise hold. The data pipeline is deterministic (centre crops), so cached values are what a step would compute."""
+
+    def __init__(self, dataset: SubjectFolderDataset, backbone: Backbone | None, encoder: ImageEncoder | None, config, batch_size: int = 8):
+        self.latents: dict[tuple[int, bool], torch.Tensor] | None = None
+        self.features: dict[tuple[int, int], torch.Tensor] | None = None
+        with torch.no_grad():
+            if backbone is not None:
+                keys = [(item, flipped) for item in range(len(dataset)) for flipped in ((False, True) if config.flip_prob > 0 else (False,))]
+                self.latents = {}
+                for start in range(0, len(keys), batch_size):
+                    chunk = keys[start:start + batch_size]
+                    pixels = torch.stack([dataset.target(item, flipped)[0] for item, flipped in chunk])
+                    for key, latent in zip(chunk, backbone.encode_images(pixels).float().cpu()):
+                        self.latents[key] = latent
+                backbone.vae.to("cpu")  # only sample grids decode from now on
+            if encoder is not None:
+                keys = [(s, i) for s, subject in enumerate(dataset.subjects) for i in range(len(subject.images))]
+                self.features = {key: encoder.features(dataset.reference(*key).unsqueeze(0), config.hidden_state)[0].float().cpu() for key in keys}
+                encoder.model.to("cpu")
+        log.info("cached %s latents and %s reference features", len(self.latents or {}), len(self.features or {}))
+
+
 class SubjectBatches:
     """``get(index, generator)``: the batch of one micro-step of one process."""
 
-    def __init__(self, dataset: SubjectFolderDataset, encoder: ImageEncoder, config, num_processes: int, process_index: int, device):
+    def __init__(self, dataset: SubjectFolderDataset, encoder: ImageEncoder, config, num_processes: int, process_index: int, device,
+                 cache: EncodedCache | None = None):
         self.dataset, self.encoder, self.config = dataset, encoder, config
         self.num_processes, self.process_index, self.device = num_processes, process_index, device
+        self.cache = cache
         self._epoch, self._order = -1, None
 
     def _item(self, position: int) -> int:
@@ -115,15 +146,25 @@ class SubjectBatches:
         size = self.config.batch_size
         first = (index * self.num_processes + self.process_index) * size
         samples = [self.dataset.get(self._item(first + j), generator) for j in range(size)]
-        return self.assemble(samples, self.encoder, self.config, self.device)
+        return self.assemble(samples, self.encoder, self.config, self.device, self.cache)
 
     @staticmethod
-    def assemble(samples, encoder: ImageEncoder | None, config, device) -> Batch:
+    def assemble(samples, encoder: ImageEncoder | None, config, device, cache: EncodedCache | None = None) -> Batch:
         """A batch of samples; without an encoder the features are a placeholder (for stand-ins that ignore them)."""
-        features = encoder.features([s.reference.unsqueeze(0) for s in samples], config.hidden_state) if encoder is not None else torch.zeros(len(samples), 1, 1)
+        if cache is not None and cache.features is not None:
+            features = torch.stack([cache.features[s.reference_key] for s in samples])
+        elif encoder is not None:
+            features = encoder.features([s.reference.unsqueeze(0) for s in samples], config.hidden_state)
+        else:
+            features = torch.zeros(len(samples), 1, 1)
+        latents = torch.stack([cache.latents[(s.item, s.flipped)] for s in samples]).to(device) if cache is not None and cache.latents is not None else None
+        pixels = torch.stack([s.pixels for s in samples])
+        size = pixels.shape[-1]
         return Batch(
-            pixels=torch.stack([s.pixels for s in samples]).to(device),
+            pixels=pixels.to(device),
             features=features.to(device),
             captions=[s.caption for s in samples],
             subject_ids=[s.subject_id for s in samples],
+            time_ids=torch.tensor([[*s.original_size, *s.crop_top_left, size, size] for s in samples], dtype=torch.float32, device=device),
+            latents=latents,
         )

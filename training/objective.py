@@ -24,6 +24,8 @@ class Batch:
     features: torch.Tensor  # (B, tokens, dim): frozen image-encoder features of the references
     captions: list[str]  # with the placeholder token already filled in
     subject_ids: list[str]
+    time_ids: torch.Tensor | None = None  # (B, 6) SDXL size/crop conditioning; None: the backbone's default
+    latents: torch.Tensor | None = None  # (B, C, h, w) cached UNet-space latents of ``pixels`` (--cache-latents)
 
 
 def split_lora(lora: LoraWeights, modules: dict) -> LoraWeights:
@@ -69,6 +71,8 @@ class HypernetObjective:
         self.preopt = preopt or {}
         tokenizer = backbone.tokenizer
         placeholder_ids = tokenizer(config.placeholder, add_special_tokens=False).input_ids
+        if config.token_embedding and backbone.is_sdxl:
+            raise ValueError("the predicted token embedding (--token-embedding) is not supported for SDXL's two text encoders yet")
         if config.token_embedding and len(placeholder_ids) != 1:
             raise ValueError(f"placeholder {config.placeholder!r} is {len(placeholder_ids)} tokens; the embedding option needs a single-token placeholder")
         self.placeholder_id = placeholder_ids[0]
@@ -92,13 +96,12 @@ class HypernetObjective:
         out = hypernet(batch.features)
         size = batch.pixels.shape[0]
         with torch.no_grad():
-            latents = backbone.encode_images(batch.pixels)
+            latents = batch.latents if batch.latents is not None else backbone.encode_images(batch.pixels)
         noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
         timesteps = torch.randint(0, self.schedule.num_timesteps, (size,), generator=generator).to(device)
         noisy = self.schedule.add_noise(latents, noise, timesteps)
         dropped = torch.rand(size, generator=generator) < config.prompt_dropout
         captions = ["" if drop else caption for caption, drop in zip(batch.captions, dropped.tolist())]
-        ids = self.tokenize(captions, device)
 
         if self.text_modules:
             hooks.enter_context(attach_lora(self.text_modules, split_lora(out.lora, self.text_modules)))
@@ -106,9 +109,9 @@ class HypernetObjective:
             hooks.callback(self.embedding_override.attach(out.token_embedding).remove)
         learn_text = bool(self.text_modules) or self.embedding_override is not None
         with torch.set_grad_enabled(learn_text and torch.is_grad_enabled()):  # nothing to learn in a plain text encoder
-            context = backbone.text_encoder(ids)[0]
+            conditioning = backbone.encode_prompts(captions, device)
         hooks.enter_context(attach_lora(self.unet_modules, split_lora(out.lora, self.unet_modules)))
-        prediction = backbone.unet(noisy, timesteps, context).sample
+        prediction = backbone.predict_noise(noisy, timesteps, conditioning, batch.time_ids)
 
         denoise = denoising_loss(prediction, noise).mean()
         reg = (delta_w_l2(out.lora) if config.reg_target == "delta_w" else params_l2(out.params)).mean()

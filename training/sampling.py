@@ -12,22 +12,21 @@ from hypernet import attach_lora
 from hypernet.guidance import hm_cfg
 from hypernet.lora import LoraWeights
 
+from .backbone import TextConditioning
 from .objective import TokenEmbeddingOverride, split_lora
 
 
-def _encode(backbone, prompts, device, text_modules=None, lora=None, token_embedding=None, placeholder: str = "sks"):
+def _encode(backbone, prompts, device, text_modules=None, lora=None, token_embedding=None, placeholder: str = "sks") -> TextConditioning:
     """Prompt conditioning; with ``lora`` the text encoder is adapted, with ``token_embedding`` ``(B, dim)`` the
     placeholder word's input embedding is replaced by the predicted one (the tuning-encoder option)."""
-    tokenizer = backbone.tokenizer
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
     with ExitStack() as stack:
         if lora is not None and text_modules:
             stack.enter_context(attach_lora(text_modules, split_lora(lora, text_modules)))
         if token_embedding is not None:
-            placeholder_id = tokenizer(placeholder, add_special_tokens=False).input_ids[0]
+            placeholder_id = backbone.tokenizer(placeholder, add_special_tokens=False).input_ids[0]
             override = TokenEmbeddingOverride(backbone.text_encoder.get_input_embeddings(), placeholder_id)
             stack.callback(override.attach(token_embedding.to(device)).remove)
-        return backbone.text_encoder(ids)[0]
+        return backbone.encode_prompts(prompts, device)
 
 
 @torch.no_grad()
@@ -77,16 +76,16 @@ def sample(
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(latents, t)
         if not adapted:
-            eps_u, eps_c = backbone.unet(torch.cat([x, x]), t, torch.cat([base_uncond, base_cond])).sample.chunk(2)
+            eps_u, eps_c = backbone.predict_noise(torch.cat([x, x]), t, TextConditioning.cat([base_uncond, base_cond])).chunk(2)
             eps = eps_u + cfg_text * (eps_c - eps_u)
         elif mode == "lora":
             with attach_lora(unet_modules, _twice(unet_lora)):
-                eps_u, eps_c = backbone.unet(torch.cat([x, x]), t, torch.cat([subject_uncond, subject_cond])).sample.chunk(2)
+                eps_u, eps_c = backbone.predict_noise(torch.cat([x, x]), t, TextConditioning.cat([subject_uncond, subject_cond])).chunk(2)
             eps = eps_u + cfg_text * (eps_c - eps_u)
         elif mode == "hmcfg":
             gate = torch.cat([torch.zeros(2 * size), torch.ones(size)]).to(device)
             with attach_lora(unet_modules, _thrice(unet_lora), strength=gate):
-                eps_u, eps_c, eps_s = backbone.unet(torch.cat([x, x, x]), t, torch.cat([base_uncond, base_cond, subject_cond])).sample.chunk(3)
+                eps_u, eps_c, eps_s = backbone.predict_noise(torch.cat([x, x, x]), t, TextConditioning.cat([base_uncond, base_cond, subject_cond])).chunk(3)
             eps = hm_cfg(eps_u, eps_c, eps_s, cfg_text, cfg_subject)
         else:
             raise ValueError(f"unknown sampling mode {mode!r}")

@@ -26,9 +26,9 @@ from hypernet.subject import predict_subject_lora
 from hypernet.targets import describe_mismatch, targets_hash
 
 from .checkpoint import save_checkpoint, step_generator
-from .config import TrainConfig, load_config
+from .config import TrainConfig, load_config, with_native_resolution
 from .data import DataError
-from .inputs import SubjectBatches, open_backbone, open_dataset, open_eval_dataset, open_image_encoder, open_preview_dataset
+from .inputs import EncodedCache, SubjectBatches, open_backbone, open_dataset, open_eval_dataset, open_image_encoder, open_preview_dataset
 from .objective import HypernetObjective
 from .report import write_sample_grid
 from .run_state import Interrupts, apply_optimizer_settings, check_output_dir, clear_run, read_metrics_lines, refuse, remove_leftovers
@@ -55,6 +55,7 @@ def run(config: TrainConfig) -> TrainResult:
 def _run(config: TrainConfig, interrupts: Interrupts) -> TrainResult:
     from accelerate import Accelerator
 
+    config = with_native_resolution(config)
     # Without a GPU, say so explicitly: accelerate then sets up gloo when launched with several processes.
     on_cpu = not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()))
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum, cpu=on_cpu)
@@ -79,11 +80,12 @@ def _run(config: TrainConfig, interrupts: Interrupts) -> TrainResult:
     if config.gradient_checkpointing:
         backbone.unet.enable_gradient_checkpointing()
         if config.text_encoder_targets:
-            backbone.text_encoder.gradient_checkpointing_enable()
+            for text_encoder in backbone.text_encoders:
+                text_encoder.gradient_checkpointing_enable()
     if main_process:
         print(f"training on {accelerator.num_processes} process(es), device {accelerator.device}, precision {config.mixed_precision}", flush=True)
-    if main_process and config.backbone == "tiny":
-        print("NOTE: the 'tiny' backbone is small and randomly initialised (untrained): the sample pictures only show that the pipeline works.", flush=True)
+    if main_process and config.backbone in ("tiny", "tiny-sdxl"):
+        print(f"NOTE: the '{config.backbone}' backbone is small and randomly initialised (untrained): the sample pictures only show that the pipeline works.", flush=True)
     if main_process and config.backbone == "toy":
         print("NOTE: the 'toy' backbone is the toy-world model pretrained by experiments.study (64 px, a toy vocabulary of shapes, colours "
               "and backgrounds): the samples show personalisation in that small world, not what SD1.5 does with photographs. The toy "
@@ -91,7 +93,7 @@ def _run(config: TrainConfig, interrupts: Interrupts) -> TrainResult:
 
     # -- model
     unet_targets = locate_targets(backbone.unet)
-    text_targets = locate_targets(None, [backbone.text_encoder]) if config.text_encoder_targets else None
+    text_targets = locate_targets(None, backbone.text_encoders) if config.text_encoder_targets else None
     layers = unet_targets.layers + (text_targets.layers if text_targets is not None else [])
     feature_spec = encoder.feature_spec(config.hidden_state)
     hyper_config = HyperNetConfig(
@@ -122,7 +124,10 @@ def _run(config: TrainConfig, interrupts: Interrupts) -> TrainResult:
     hypernet, optimizer, scheduler = accelerator.prepare(hypernet, optimizer, scheduler)
     schedule = NoiseSchedule(backbone.noise_scheduler.alphas_cumprod.float())
     objective = HypernetObjective(backbone, unet_targets, text_targets, config, schedule, preopt=load_preopt(config, layers))
-    batches = SubjectBatches(dataset, encoder, config, accelerator.num_processes, accelerator.process_index, accelerator.device)
+    cache = None
+    if config.cache_latents or config.cache_features:
+        cache = EncodedCache(dataset, backbone if config.cache_latents else None, encoder if config.cache_features else None, config)
+    batches = SubjectBatches(dataset, encoder, config, accelerator.num_processes, accelerator.process_index, accelerator.device, cache)
     metrics_path = output_dir / "metrics.jsonl"
     validator = make_validator(config, evaluation, backbone, encoder, unet_targets, text_targets) if evaluation is not None and main_process else None
     board = open_tensorboard(config, output_dir) if main_process else None
