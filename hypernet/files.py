@@ -35,19 +35,21 @@ SUBJECT_LORA_FORMAT = "subject_lora"
 COMPACT_LORA_FORMAT = "subject_lora_compact"
 _PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 
-# One name for an SD1.5 hypernetwork in ComfyUI's models/hypernets: the example workflows load it, the
-# README tells users to copy the trainer's hypernet.safetensors there under it, and the trainer says so.
-COMFYUI_HYPERNET_NAME = "subject_hypernet_sd15.safetensors"
+# One name per family in ComfyUI's models/hypernets: the example workflows load it, the README tells users to
+# copy the trainer's hypernet.safetensors there under it, and the trainer says so.
+COMFYUI_HYPERNET_NAMES = {"sd15": "subject_hypernet_sd15.safetensors", "sdxl": "subject_hypernet_sdxl.safetensors"}
+COMFYUI_HYPERNET_NAME = COMFYUI_HYPERNET_NAMES["sd15"]
 MAKE_A_HYPERNET = ("python -m training.train --backbone <SD1.5 checkpoint .safetensors> --image-encoder "
                    "<ComfyUI/models/clip_vision/CLIP-ViT-L-14.safetensors> --data <folder of subject images>")
 
 
 def comfyui_install_hint(hypernet_path: str | os.PathLike, base_arch: str) -> str:
     """What to copy where so that ComfyUI's example workflows load a freshly trained hypernetwork."""
-    if base_arch != "sd15":
-        return (f"for ComfyUI: {hypernet_path} is for base '{base_arch}'; the example workflows need an SD1.5 "
+    if base_arch not in COMFYUI_HYPERNET_NAMES:
+        return (f"for ComfyUI: {hypernet_path} is for base '{base_arch}'; the example workflows need an SD1.5 or SDXL "
                 f"hypernetwork ({MAKE_A_HYPERNET})")
-    return f"for ComfyUI: copy {hypernet_path} to ComfyUI/models/hypernets/{COMFYUI_HYPERNET_NAME} (the name the example workflows load)"
+    workflows = "the SDXL example workflows" if base_arch == "sdxl" else "the example workflows"
+    return f"for ComfyUI: copy {hypernet_path} to ComfyUI/models/hypernets/{COMFYUI_HYPERNET_NAMES[base_arch]} (the name {workflows} load)"
 
 
 # ----------------------------------------------------------------------------- safetensors plumbing

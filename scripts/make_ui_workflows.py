@@ -23,7 +23,6 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO / "scripts"), str(REPO)]
 from comfyui_support.harness import run_in_comfyui  # noqa: E402
 from comfyui_support.workflow_format import NODE_SPECS_CODE, WIDGET_TYPES, api_to_ui  # noqa: E402
 from get_comfyui import ensure_comfyui  # noqa: E402
-from hypernet.files import COMFYUI_HYPERNET_NAME  # noqa: E402
 
 # -- geometry of the front end (LiteGraph): a node's pos is the top-left of its body; the title bar sits above.
 TITLE_HEIGHT = 30
@@ -66,6 +65,7 @@ LAYOUTS = {
     FINETUNE: {"reference": REFERENCE, "subject": [[5, 20], [13], [14]], "sampling": [[21, 7, 9], [6, 8], [10]], "output": [[11, 15], [12]]},
     SAVE_LORA: {"reference": REFERENCE, "subject": [[5, 20]], "output": [[6], [22]]},
 }
+SDXL_PREFIX = "SDXL - "  # the same five graphs for SDXL: 1024 px, SDXL checkpoint and hypernetwork
 SUMMARIES = {
     KSAMPLER: "The hypernetwork turns one photo into a LoRA for the checkpoint; a core KSampler draws with it.",
     HMCFG: "The hypernetwork turns one photo into a LoRA; HM-CFG keeps the base model's composition and adds the subject.",
@@ -74,15 +74,19 @@ SUMMARIES = {
     SAVE_LORA: "The hypernetwork turns one photo into a LoRA, saved as files the core Load LoRA node reads.",
 }
 
-REFERENCE_NOTE = f"""## {{title}}
-{{summary}}
+REFERENCE_NOTE = """## {title}
+{summary}
 
 Put the files into `ComfyUI/models/`, then press **R** to refresh the lists:
-- `hypernets/` the hypernetwork, `{COMFYUI_HYPERNET_NAME}`. Make one with `python -m training.train` (README: *Training a hypernetwork*) and copy its `hypernet.safetensors` here under that name.
-- `clip_vision/` the CLIP vision model the hypernetwork was trained with (here `CLIP-ViT-L-14.safetensors`; *HyperNet info* names it after a run)
-- `checkpoints/` the SD1.5 checkpoint it was trained for (here `v1-5-pruned-emaonly.safetensors`)
+- `hypernets/` the hypernetwork, `{hypernet}`. Make one with `python -m training.train` (README: *Training a hypernetwork*{sdxl_training}) and copy its `hypernet.safetensors` here under that name.
+- `clip_vision/` the CLIP vision model the hypernetwork was trained with (here `{clip_vision}`; *HyperNet info* names it after a run)
+- `checkpoints/` the {family} checkpoint it was trained for (here `{checkpoint}`)
 
 **Change:** *Subject image*: upload a photo of your subject. Several views of one subject work too, batched with the core Batch Images node."""
+
+
+def widget_of(api: dict, class_type: str, widget: str) -> str:
+    return next(n["inputs"][widget] for n in api.values() if n["class_type"] == class_type)
 
 
 SUBJECT_NOTE = """*Predict Subject LoRA* turns the photo into LoRA weights in one pass of the hypernetwork (no training). *HyperNet info* shows, after a run, what the hypernetwork was trained for.
@@ -124,7 +128,12 @@ OUTPUT_NOTES = {
 
 def notes_for(name: str, api: dict) -> dict[str, str]:
     types = {n["class_type"] for n in api.values()}
-    notes = {"reference": REFERENCE_NOTE.format(title=name, summary=SUMMARIES[name]),
+    sdxl = name.startswith(SDXL_PREFIX)
+    reference = REFERENCE_NOTE.format(
+        title=name, summary=SUMMARIES[name.removeprefix(SDXL_PREFIX)], family="SDXL" if sdxl else "SD1.5",
+        sdxl_training="; `--preset sdxl --backbone` your SDXL checkpoint" if sdxl else "", hypernet=widget_of(api, "SubjectHyperNet_LoadHyperNet", "hypernet_name"),
+        clip_vision=widget_of(api, "CLIPVisionLoader", "clip_name"), checkpoint=widget_of(api, "CheckpointLoaderSimple", "ckpt_name"))
+    notes = {"reference": reference,
              "subject": FINETUNE_NOTE if "SubjectHyperNet_RankRelaxedFinetune" in types else SUBJECT_NOTE}
     sampler = next((t for t in SAMPLING_NOTES if t in types), None)
     if sampler:
@@ -161,7 +170,7 @@ def note_height(text: str, width: int) -> int:
 
 def layout(name: str, api: dict, ui: dict, specs: dict) -> dict:
     """Place the nodes by stage and column, add a note and a group per stage, and store the opening view."""
-    stages = LAYOUTS[name]
+    stages = LAYOUTS[name.removeprefix(SDXL_PREFIX)]
     placed = [n for stage in stages.values() for column in stage for n in column]
     if sorted(placed) != sorted(int(k) for k in api):
         raise SystemExit(f"{name}: LAYOUTS places {sorted(placed)}, the API twin has {sorted(int(k) for k in api)}")

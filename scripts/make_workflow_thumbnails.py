@@ -4,7 +4,8 @@ ComfyUI's front end asks for ``/api/workflow_templates/<pack>/<name>.jpg`` besid
 it in a square. This opens every UI workflow in the real front end (ComfyUI server + comfyui-frontend-package +
 headless Chromium, as the browser test does), fits the whole graph to the window, and keeps a square around the
 node that sets the workflow apart (finetune, guider, sampler, or LoRA saver), as a small JPEG.
-    python scripts/make_workflow_thumbnails.py      # after scripts/make_ui_workflows.py
+    python scripts/make_workflow_thumbnails.py                        # after scripts/make_ui_workflows.py
+    python scripts/make_workflow_thumbnails.py 'Save a subject LoRA'  # only the named ones
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ QUALITY = 80
 GRAPH_AREA = (70, 130, 1500, 640)  # where the graph is drawn in the 1600x1000 window: clear of the side and top bars
 
 
-def main() -> None:
+def main(only: list[str]) -> None:
     import comfyui_frontend_package
 
     if chromium_path() is None:
         raise SystemExit("needs Chromium (apt-get install chromium)")
     static = Path(comfyui_frontend_package.__file__).parent / "static"
-    names = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
+    names = sorted(p.stem for p in (REPO / "workflows").glob("*.json") if not only or p.stem in only)
+    if only and len(names) != len(set(only)):
+        raise SystemExit(f"no workflows/<name>.json for: {sorted(set(only) - set(names))}")
     with tempfile.TemporaryDirectory() as work, ComfyServer(ensure_comfyui(), Path(work), front_end_root=static) as server:
         server.post("/settings/Comfy.TutorialCompleted", True)
         with Browser(chromium_path()) as browser:
@@ -63,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

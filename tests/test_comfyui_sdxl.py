@@ -19,10 +19,12 @@ from comfyui_support.harness import run_in_comfyui
 from comfyui_support.workflow_format import NODE_SPECS_CODE, strip_meta, ui_to_api
 from conftest import SDXL_WORKFLOW_FILES, WORKFLOW_FILES, prepare_work_dir
 from test_comfyui_workflows import API_DIR, core_lora_variant, load, plain_variant, shrink
+from test_comfyui_workflows import FINETUNE as SD15_FINETUNE, HMCFG as SD15_HMCFG, KSAMPLER as SD15_KSAMPLER, SAVE_LORA as SD15_SAVE_LORA
 
 pytestmark = pytest.mark.comfyui
-SDXL_WORKFLOWS = sorted(p.stem for p in API_DIR.glob("sdxl_*.json"))
-SAVED_LORA = "sdxl_save_subject_lora/subject_sdxl_00001.safetensors"
+SDXL_WORKFLOWS = sorted(p.stem for p in API_DIR.glob("SDXL - *.json"))
+KSAMPLER, HMCFG, SAVE_LORA, FINETUNE = (f"SDXL - {name}" for name in (SD15_KSAMPLER, SD15_HMCFG, SD15_SAVE_LORA, SD15_FINETUNE))
+SAVED_LORA = f"{SAVE_LORA}/subject_sdxl_00001.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -165,15 +167,15 @@ result["node_specs"] = node_specs
 def sdxl_run(comfyui_root, sdxl_models, tmp_path_factory):
     work = tmp_path_factory.mktemp("comfy_sdxl")
     models = prepare_work_dir(work, sdxl_models)
-    ks = load("sdxl_personalize_ksampler")
+    ks = load(KSAMPLER)
     # the save workflow first, so its file is in models/loras for the core-loader variant; caches kept between
     # prompts (the checkpoint is loaded once), every node of every graph still validated and executed once
-    names = ["sdxl_save_subject_lora"] + [n for n in SDXL_WORKFLOWS if n != "sdxl_save_subject_lora"]
+    names = [SAVE_LORA] + [n for n in SDXL_WORKFLOWS if n != SAVE_LORA]
     prompts = [shrink(load(name), name) for name in names]
     names += ["plain", "core_lora", "sd15_hypernet_on_sdxl", "sdxl_hypernet_on_sd15", "sd15_lora_in_sdxl_hmcfg"]
     prompts += [plain_variant(ks, "plain"), core_lora_variant(ks, "core_lora", SAVED_LORA),
-                with_hypernet(ks, "bad", WORKFLOW_FILES["hypernets"]), with_hypernet(load("personalize_ksampler"), "bad", SDXL_WORKFLOW_FILES["hypernets"]),
-                mixed_family_lora_variant(load("sdxl_personalize_hmcfg"), "bad")]
+                with_hypernet(ks, "bad", WORKFLOW_FILES["hypernets"]), with_hypernet(load(SD15_KSAMPLER), "bad", SDXL_WORKFLOW_FILES["hypernets"]),
+                mixed_family_lora_variant(load(HMCFG), "bad")]
     node_types = sorted({n["class_type"] for name in SDXL_WORKFLOWS for n in load(name).values()})
     code = f"spec['saved_lora'] = {SAVED_LORA!r}\n" + CODE
     report = run_in_comfyui(comfyui_root, work, models=models, prompts=[{"prompt": p, "reset": False} for p in prompts], code=code,
@@ -200,22 +202,22 @@ def test_shipped_sdxl_workflow_runs(sdxl_run, name):
     result = sdxl_run["results"][name]
     assert result["valid"], result["node_errors"]
     assert result["success"], result["execution_error"]
-    if name == "sdxl_save_subject_lora":
+    if name == SAVE_LORA:
         standard = sdxl_run["models"]["loras"][0] / SAVED_LORA
-        compact = sdxl_run["models"]["subject_loras"][0] / "sdxl_save_subject_lora" / "subject_sdxl_00001.compact.safetensors"
+        compact = sdxl_run["models"]["subject_loras"][0] / SAVE_LORA / "subject_sdxl_00001.compact.safetensors"
         assert standard.stat().st_size > 0 and 0 < compact.stat().st_size < standard.stat().st_size
     else:
         assert image_of(sdxl_run, name).shape == (64, 64, 3)
 
 
 def test_sdxl_finetune_reports_every_step(sdxl_run):
-    assert [v for v, total in sdxl_run["results"]["sdxl_personalize_finetune_hmcfg"]["progress"] if total == 3] == [1, 2, 3]
+    assert [v for v, total in sdxl_run["results"][FINETUNE]["progress"] if total == 3] == [1, 2, 3]
 
 
 def test_core_lora_loader_on_the_saved_sdxl_file_equals_the_pack_and_differs_from_the_base(sdxl_run):
     for name in ("plain", "core_lora"):
         assert sdxl_run["results"][name]["success"], sdxl_run["results"][name]["execution_error"]
-    personal = image_of(sdxl_run, "sdxl_personalize_ksampler")
+    personal = image_of(sdxl_run, KSAMPLER)
     assert np.array_equal(image_of(sdxl_run, "core_lora"), personal)
     assert np.abs(personal.astype(int) - image_of(sdxl_run, "plain").astype(int)).max() > 0
 

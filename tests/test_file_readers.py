@@ -201,12 +201,15 @@ def test_single_file_backbone_reader_accepts_every_first_byte(comfyui_root, tmp_
                             timeout=600, env={**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     sample, t, context = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10]), torch.randn(1, 77, 48)
+    reference = load_backbone(str(source)).unet
     with torch.no_grad():
-        expected = load_backbone(str(source)).unet(sample, t, context).sample
-    assert torch.isfinite(expected).all() and expected.abs().max() > 0
+        output = reference(sample, t, context).sample
+    assert torch.isfinite(output).all() and output.abs().max() > 0
+    expected = reference.state_dict()
     (tmp_path / "out").mkdir()
-    def read(path):
-        with torch.no_grad():
-            assert torch.equal(load_backbone(str(path)).unet(sample, t, context).sample, expected)
+
+    def read(path):  # the same weights, bit for bit (outputs may differ in the last bit between runs of threaded kernels)
+        got = load_backbone(str(path)).unet.state_dict()
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
 
     _sweep(source, tmp_path / "out", first_bytes_cases(source)[:2], read)  # 0x80 and "PK"

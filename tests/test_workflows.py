@@ -14,8 +14,8 @@ import pytest
 from PIL import Image, ImageStat
 
 from comfyui_support.workflow_format import UI_ONLY_TYPES
-from conftest import WORKFLOW_FILES
-from hypernet.files import COMFYUI_HYPERNET_NAME, comfyui_install_hint
+from conftest import SDXL_WORKFLOW_FILES, WORKFLOW_FILES
+from hypernet.files import COMFYUI_HYPERNET_NAME, COMFYUI_HYPERNET_NAMES, comfyui_install_hint
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_DIR = REPO / "workflows"
@@ -119,12 +119,16 @@ def test_a_prompt_is_typed_once_and_the_hypernetwork_info_is_shown(name):
 
 
 def test_the_hypernetwork_file_name_agrees_in_workflows_readme_trainer_and_tests():
-    loaders = [n for name in NAMES for n in api(name).values() if n["class_type"] == "SubjectHyperNet_LoadHyperNet"]
-    assert {n["inputs"]["hypernet_name"] for n in loaders} == {COMFYUI_HYPERNET_NAME} == {WORKFLOW_FILES["hypernets"]}
+    for family, prefix in (("sd15", ""), ("sdxl", "SDXL - ")):
+        names = [name for name in NAMES if name.startswith("SDXL - ") == bool(prefix)]
+        loaders = [n for name in names for n in api(name).values() if n["class_type"] == "SubjectHyperNet_LoadHyperNet"]
+        expected = COMFYUI_HYPERNET_NAMES[family]
+        assert len(loaders) == len(names) == 5 and {n["inputs"]["hypernet_name"] for n in loaders} == {expected}
+        hint = comfyui_install_hint(Path("runs/me/hypernet.safetensors"), family)
+        assert f"copy runs/me/hypernet.safetensors to ComfyUI/models/hypernets/{expected}" in hint
+    assert COMFYUI_HYPERNET_NAME == WORKFLOW_FILES["hypernets"] and COMFYUI_HYPERNET_NAMES["sdxl"] == SDXL_WORKFLOW_FILES["hypernets"]
     readme = (REPO / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| `models/hypernets/`"))
-    assert COMFYUI_HYPERNET_NAME in row and "hypernet.safetensors" in row, row
-    hint = comfyui_install_hint(Path("runs/me/hypernet.safetensors"), "sd15")
-    assert f"copy runs/me/hypernet.safetensors to ComfyUI/models/hypernets/{COMFYUI_HYPERNET_NAME}" in hint
+    assert all(name in row for name in COMFYUI_HYPERNET_NAMES.values()) and "hypernet.safetensors" in row, row
     other = comfyui_install_hint(Path("runs/toy/hypernet.safetensors"), "sd15-toy")
-    assert "need an SD1.5 hypernetwork" in other and "copy" not in other
+    assert "need an SD1.5 or SDXL hypernetwork" in other and "copy" not in other
