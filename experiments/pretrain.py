@@ -26,11 +26,19 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="runs/toy_world", help="work folder; finished stages in it are reused")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and step counts (pipeline check)")
     parser.add_argument("--pack", action="store_true", help="copy the result into training/toy_model (fp16, pruned vocabulary)")
+    parser.add_argument("--scale", type=float, default=1.0, help="step counts times this (0.25: a quarter of the full pretraining)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override single sizes, e.g. unet_steps=6000")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes = Sizes.quick() if args.quick else Sizes()
+    sizes = Sizes.quick() if args.quick else Sizes.scaled(args.scale) if args.scale != 1.0 else Sizes()
+    fields = {f.name: f.type for f in dataclasses.fields(Sizes)}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in fields or not value:
+            parser.error(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        sizes = dataclasses.replace(sizes, **{name: type(getattr(sizes, name))(value)})
     out = Path(args.out)
     timings = pretrain_toy_world(out, sizes)
     record = {"sizes": dataclasses.asdict(sizes), "timings_s": timings, "total_minutes": round(sum(timings.values()) / 60, 1),

@@ -14,6 +14,8 @@ Everything is saved as a diffusers folder (+ a transformers CLIP-vision folder) 
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import random
 import time
@@ -58,6 +60,13 @@ class Sizes:
     described_share: float = 0.5  # captions naming every identity attribute
     partial_share: float = 0.25  # captions naming a random subset of them (the rest: class level or empty)
     empty_share: float = 0.1
+
+    @classmethod
+    def scaled(cls, factor: float) -> "Sizes":
+        """Every step count (and the render pool, down to 8,000 images) times ``factor``: a shorter pretraining."""
+        full = cls()
+        steps = {f: max(10, round(getattr(full, f) * factor)) for f in ("vae_steps", "vae_refine_steps", "clip_steps", "unet_steps", "reader_steps")}
+        return dataclasses.replace(full, pool_images=max(8000, round(full.pool_images * factor)), **steps)
 
     @classmethod
     def quick(cls) -> "Sizes":

@@ -1,10 +1,12 @@
-"""The toy world's commands end to end in --quick mode: the pretraining and the study (pipelines, not numbers)."""
+"""The toy world's commands end to end in --quick mode: the pretraining, and the study on the world it wrote (pipelines, not numbers)."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -19,9 +21,15 @@ def python(*args, timeout=900):
     return result
 
 
-def test_quick_pretraining_writes_a_world_the_trainer_and_the_study_load(tmp_path):
-    out = tmp_path / "world"
+@pytest.fixture(scope="module")
+def quick_world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("quick") / "world"
     python("-m", "experiments.pretrain", "--out", str(out), "--quick")
+    return out
+
+
+def test_quick_pretraining_writes_a_world_the_trainer_and_the_study_load(quick_world):
+    out = quick_world
     for path in ("base/model_index.json", "base/unet/config.json", "base/vae/config.json", "base/text_encoder/config.json",
                  "image_encoder/config.json", "reader.safetensors", "pretrain.json"):
         assert (out / path).exists(), path
@@ -33,9 +41,9 @@ def test_quick_pretraining_writes_a_world_the_trainer_and_the_study_load(tmp_pat
     assert world.backbone.unet.config.cross_attention_dim == world.backbone.text_encoder.config.hidden_size
 
 
-def test_quick_study_runs_every_stage_and_writes_its_report(tmp_path):
+def test_quick_study_runs_every_stage_and_writes_its_report(quick_world, tmp_path):
     docs = tmp_path / "docs"
-    python("-m", "experiments.study", "--out", str(tmp_path / "study"), "--quick", "--docs", str(docs))
+    python("-m", "experiments.study", "--out", str(tmp_path / "study"), "--quick", "--world", str(quick_world), "--docs", str(docs))
     report = (docs / "study_quick.md").read_text()
     for method in ("base model", "described (base model, identity in words)", "hypernet", "hypernet (no L2)", "hypernet (weight-space loss)",
                    "hypernet (word embedding)", "hypernet (word embedding + NN loss)", "hypernet + HM-CFG s=2", "hypernet + finetune 2",
