@@ -119,9 +119,20 @@ def diagnosis(results: dict) -> list[str]:
         f"**Collapse check**: predicted LoRAs differ between subjects by {spread['pairwise']:.2f}x their mean norm (mean pairwise distance / mean "
         f"norm; {spread['specific']:.2f} for the distance to the mean LoRA). Drawing each subject with another subject's LoRA gives "
         f"{s(SWAPPED):.3f} fidelity to the subject ({describe_diff(scores, HYPER, SWAPPED)} for its own LoRA) and {s(SWAPPED_AS_DONOR):.3f} to the "
-        f"LoRA's own subject: the identity travels with the LoRA.",
+        f"LoRA's own subject ({describe_diff(scores, SWAPPED_AS_DONOR, SWAPPED)} for the donor over the drawn subject): {travels(scores)}.",
     ]
     return lines
+
+
+def travels(scores: dict) -> str:
+    """What the swap says, decided by the numbers: does the identity go where the LoRA goes?"""
+    own, own_se = paired(scores, HYPER, SWAPPED)
+    donor, donor_se = paired(scores, SWAPPED_AS_DONOR, SWAPPED)
+    if own > 2 * own_se and donor > 2 * donor_se:
+        return "the identity travels with the LoRA (the predictions are subject-specific)"
+    if abs(own) <= 2 * own_se and abs(donor) <= 2 * donor_se:
+        return "whose LoRA is used makes no measurable difference: the predictions carry no identity the reader sees (one LoRA for everyone)"
+    return "the swap changes what is drawn, but not consistently toward the LoRA's own subject"
 
 
 def plot(results: dict, path: Path) -> None:
@@ -221,11 +232,11 @@ more than 2 s.e. from 0).
 |---|---|---|
 {rows}
 
-![subject vs prompt fidelity](study_fidelity.png)
+![subject vs prompt fidelity]({prefix}_fidelity.png)
 
 Examples (two held-out subjects, their prompts; rows: reference, then the methods in table order):
 
-![examples](study_examples.png)
+![examples]({prefix}_examples.png)
 
 ## Goals
 
@@ -237,14 +248,14 @@ Examples (two held-out subjects, their prompts; rows: reference, then the method
 """ + "\n".join(f"- {line}" for line in diagnosis(results)) + """
 
 ## The other claims
-""" + "\n".join(f"- {line}" for line in claims(results)) + """
+""" + "\n".join(f"- {line}" for line in claims(results)) + f"""
 
 ## Validation while training
-The main hypernetwork was trained with `--eval-data synthetic --eval-every N` (8 held-out subjects), as a user training on
+The main hypernetwork was trained with `--eval-data synthetic --eval-every {plan['eval_every']}` (8 held-out subjects), as a user training on
 their own photos would: identity = image-encoder cosine between the generated image and the reference; the swapped curve
 uses another subject's LoRA; the reader's scores are the toy world's extra.
 
-![validation](study_validation.png)
+![validation]({prefix}_validation.png)
 """ + (results.get("notes", "") and "\n## Notes\n" + results["notes"] + "\n") + """
 These are measurements on a toy world, reported as measured: they say whether the mechanisms work as claimed at small
 scale, not what the numbers would be on SD1.5 with photographs.

@@ -84,7 +84,7 @@ def _guider_inputs():
 _OPTIONAL = {
     "subject_positive": ("CONDITIONING", {"tooltip": "The prompt encoded with the subject-adapted CLIP (Predict's CLIP output). Defaults to 'positive'."}),
     "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "Subject LoRA strength inside the subject model."}),
-    "implementation": (IMPLEMENTATIONS, {"default": "comfy_hooks", "tooltip": "comfy_hooks: ComfyUI weight hooks (works with everything); batched: one UNet call per step, faster (SD1.5 on CPU: 1.5x a plain KSampler step vs 2.3x for comfy_hooks, docs/benchmarks.md), not combinable with other model-function wrappers."}),
+    "implementation": (IMPLEMENTATIONS, {"default": "comfy_hooks", "tooltip": "comfy_hooks works with every other node; batched is faster (docs/benchmarks.md) but cannot be combined with other model-function wrappers."}),
 }
 
 

@@ -89,7 +89,7 @@ class TrainConfig:
 
 DEMO_STEPS = 700
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~3 minutes on a 2-core CPU: the toy-world base model and image encoder pretrained by experiments.study
+    # ~3 minutes on a 2-core CPU: the toy-world base model and image encoder pretrained by experiments.pretrain
     # (shipped in training/toy_model/), synthetic subjects of the same world, the study's hypernetwork size.
     "demo": dict(
         backbone="toy", image_encoder="toy", data="synthetic", synthetic_subjects=200, synthetic_images_per_subject=4,

@@ -87,9 +87,9 @@ def _run(config: TrainConfig, interrupts: Interrupts) -> TrainResult:
     if main_process and config.backbone in ("tiny", "tiny-sdxl"):
         print(f"NOTE: the '{config.backbone}' backbone is small and randomly initialised (untrained): the sample pictures only show that the pipeline works.", flush=True)
     if main_process and config.backbone == "toy":
-        print("NOTE: the 'toy' backbone is the toy-world model pretrained by experiments.study (64 px, a toy vocabulary of shapes, colours "
-              "and backgrounds): the samples show personalisation in that small world, not what SD1.5 does with photographs. The toy "
-              "model barely renders subject identity, so personalised samples look much like the base ones (docs/study.md).", flush=True)
+        print("NOTE: the 'toy' backbone is the toy-world model pretrained by experiments.pretrain (64 px, toys described by shape, "
+              "colours, pattern and marking, in contexts): the samples show personalisation in that small world, not what SD1.5 does "
+              "with photographs; docs/study.md measures how much of a subject's identity the predicted LoRA carries there.", flush=True)
 
     # -- model
     unet_targets = locate_targets(backbone.unet)
