@@ -45,7 +45,7 @@ class Plan:
     world: str = "toy"
     train_subjects: int = 1500
     images_per_subject: int = 4
-    hypernet_steps: int = 3000
+    hypernet_steps: int = 800
     hypernet: dict = field(default_factory=dict)  # overrides of the demo recipe (training.config PRESETS["demo"])
     eval_subjects: int = 24
     eval_contexts: int = 4
@@ -59,12 +59,12 @@ class Plan:
     hyper_finetune_steps: int = 40
     scratch_steps: tuple = (40, 400)
     weight_space_weight: float = 0.1
-    preopt_subjects: int = 200
-    preopt_steps: int = 150
+    preopt_subjects: int = 48
+    preopt_steps: int = 80
     nn_weight: float = 0.1
     variants: tuple = ("no_l2", "weight_space", "embedding", "embedding_nn")
     reader_images: int = 1024
-    eval_every: int = 500
+    eval_every: int = 200
 
     @classmethod
     def quick(cls) -> "Plan":
@@ -239,6 +239,8 @@ def main(argv=None) -> None:
     parser.add_argument("--docs", default=str(DOCS), help="where study.md, study_results.json and the plots go")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report and plots from --docs' study_results.json (no training)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--variants", nargs="*", choices=sorted(VARIANT_KEYS), help=f"hypernetwork variants beside the main recipe (default: {' '.join(Plan.variants)})")
+    parser.add_argument("--preopt-subjects", type=int, help=f"subjects pre-optimised for the weight-space loss (default {Plan.preopt_subjects})")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -250,6 +252,10 @@ def main(argv=None) -> None:
         return
     plan = Plan.quick() if args.quick else Plan()
     plan.world = args.world
+    if args.variants is not None:
+        plan.variants = tuple(args.variants)
+    if args.preopt_subjects is not None:
+        plan.preopt_subjects = args.preopt_subjects
     run_study(plan, Path(args.out), docs, args.quick)
 
 
