@@ -241,6 +241,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--variants", nargs="*", choices=sorted(VARIANT_KEYS), help=f"hypernetwork variants beside the main recipe (default: {' '.join(Plan.variants)})")
     parser.add_argument("--preopt-subjects", type=int, help=f"subjects pre-optimised for the weight-space loss (default {Plan.preopt_subjects})")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="override plan fields, e.g. sample_steps=12 'seeds=[0,1,2]'")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -256,6 +257,12 @@ def main(argv=None) -> None:
         plan.variants = tuple(args.variants)
     if args.preopt_subjects is not None:
         plan.preopt_subjects = args.preopt_subjects
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if not hasattr(plan, name) or not value:
+            parser.error(f"--set {item!r}: expected FIELD=JSON with FIELD a field of Plan")
+        parsed = json.loads(value)
+        setattr(plan, name, tuple(parsed) if isinstance(parsed, list) else parsed)
     run_study(plan, Path(args.out), docs, args.quick)
 
 
