@@ -61,6 +61,7 @@ class Plan:
     weight_space_weight: float = 0.1
     preopt_subjects: int = 48
     preopt_steps: int = 80
+    preopt_batch: int = 2  # images per step: each subject has only 4, and 8 (the recipe's batch) costs 4x the time
     nn_weight: float = 0.1
     variants: tuple = ("no_l2", "weight_space", "embedding", "embedding_nn")
     reader_images: int = 1024
@@ -131,13 +132,13 @@ def preoptimise(plan: Plan, world: World, data: Path, out: Path, timer: Timer) -
         link = subset / subject_dir.name
         if not link.exists():
             link.symlink_to(subject_dir.resolve(), target_is_directory=True)
-    config = hypernet_config(plan, world, subset, out / "preopt_run")
+    config = hypernet_config(plan, world, subset, out / "preopt_run", batch_size=plan.preopt_batch)
     args = [f"--preopt-steps={plan.preopt_steps}", f"--preopt-dir={folder}"]
     for key, value in asdict(config).items():
         if key in ("preopt_dir", "resume"):
             continue
         args.append(f"--{key.replace('_', '-')}={value}")
-    log(f"pre-optimising {plan.preopt_subjects} subjects x {plan.preopt_steps} steps for the weight-space loss")
+    log(f"pre-optimising {plan.preopt_subjects} subjects x {plan.preopt_steps} steps of {plan.preopt_batch} images for the weight-space loss")
     with timer("preoptimise"):
         preoptimize_main(args)
     (folder / ".complete").write_text("ok\n")
@@ -189,10 +190,10 @@ def run_methods(plan: Plan, evaluator: Evaluator, cases, train_cases, hypernets:
             spread[name] = lora_spread(loras)
             record(name, generate(loras, "lora", embeddings=embeddings))
     with timer("finetunes"):
-        tuned = [evaluator.finetune(c, p, plan.hyper_finetune_steps, plan.finetune_rank, plan.finetune_lr, i) for i, (c, p) in enumerate(zip(cases, predicted))]
+        tuned = evaluator.finetune(cases, predicted, plan.hyper_finetune_steps, plan.finetune_rank, plan.finetune_lr, seed=0)
         record(f"hypernet + finetune {plan.hyper_finetune_steps}", generate(tuned, "lora"))
         for steps in plan.scratch_steps:
-            scratch = [evaluator.finetune(c, evaluator.zero_lora(), steps, plan.finetune_rank, plan.finetune_lr, i) for i, c in enumerate(cases)]
+            scratch = evaluator.finetune(cases, [evaluator.zero_lora()] * len(cases), steps, plan.finetune_rank, plan.finetune_lr, seed=0)
             record(f"LoRA from scratch {steps}", generate(scratch, "lora"))
     return scores, spread, examples
 

@@ -155,21 +155,26 @@ class Evaluator:
                 embeddings.append(out.token_embedding[0])
         return loras, (embeddings or None)
 
-    def finetune(self, case: Case, start: LoraWeights, steps: int, rank: int, learning_rate: float, seed: int) -> LoraWeights:
-        """Rank-relaxed finetune (start = prediction) or LoRA from scratch (start = zeros) on the reference image
-        and its caption, with the product's finetune loop (hypernet.finetune)."""
+    def finetune(self, cases: list[Case], starts: list[LoraWeights], steps: int, rank: int, learning_rate: float, seed: int) -> list[LoraWeights]:
+        """Rank-relaxed finetune (starts = predictions) or LoRA from scratch (starts = zeros) on each subject's
+        reference image and its caption, with the product's finetune loop (hypernet.finetune), all subjects in one
+        batch (each subject's LoRA sees only its own samples)."""
         backbone = self.world.backbone
-        latents = backbone.encode_images(case.reference.permute(0, 3, 1, 2) * 2 - 1)
+        references = torch.cat([case.reference for case in cases])
+        latents = backbone.encode_images(references.permute(0, 3, 1, 2) * 2 - 1).unsqueeze(1)  # (S, 1, C, h, w)
         tokenizer = backbone.tokenizer
         prompt = SyntheticWorld.caption(REFERENCE_CONTEXT, self.placeholder)
         ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
 
         def denoiser(x_t, t):
-            context = backbone.text_encoder(ids)[0]  # re-encoded each step: the text-encoder LoRA hooks are live
-            return backbone.unet(x_t, t, context.expand(x_t.shape[0], -1, -1)).sample
+            context = backbone.text_encoder(ids.expand(x_t.shape[0], -1))[0]  # re-encoded each step: the text-encoder LoRA hooks are live
+            return backbone.unet(x_t, t, context).sample
 
+        stacked = LoraWeights({n: torch.stack([s.down[n] for s in starts]) for n in starts[0].names},
+                              {n: torch.stack([s.up[n] for s in starts]) for n in starts[0].names})
         config = FinetuneConfig(steps=steps, rank=rank, learning_rate=learning_rate, seed=seed)
-        return rank_relaxed_finetune(self.modules, start, latents, denoiser, self.schedule, config).lora
+        tuned = rank_relaxed_finetune(self.modules, stacked, latents, denoiser, self.schedule, config).lora
+        return [tuned.select(i) for i in range(len(cases))]
 
     def zero_lora(self) -> LoraWeights:
         layers = self.unet_targets.layers + self.text_targets.layers

@@ -8,6 +8,11 @@ and learned deltas summed and re-factored exactly (rank <= r_pred + r_new) by :f
 The model is reached only through a ``denoiser(x_t, t) -> eps`` callable, so ComfyUI and diffusers can
 both drive the loop; the callable owns the conditioning (and re-encodes the prompt when text-encoder
 layers are adapted, since their hooks are live during the call). The caller keeps the model frozen.
+
+Several subjects can be tuned at once (one batched forward per step instead of one per subject): give a
+batched ``predicted`` LoRA (one per subject) and latents ``(S, N, C, H, W)``. Each subject's LoRA sees only its
+own samples and the loss is the sum of the subjects' losses, so every subject's gradient, and with a per-element
+optimiser its whole trajectory, is that of a run on its own (only the noise draws differ).
 """
 
 from __future__ import annotations
@@ -54,14 +59,25 @@ class FinetuneResult:
     losses: list[float] = field(default_factory=list)
 
 
-def fresh_lora(modules: Mapping[str, nn.Linear], names: list[str], rank: int, generator: torch.Generator, device) -> LoraWeights:
-    """LoRA's usual init: random ``down`` (std 1/sqrt(in)), zero ``up``, so training starts at the input model."""
+def fresh_lora(modules: Mapping[str, nn.Linear], names: list[str], rank: int, generator: torch.Generator, device,
+               subjects: int | None = None) -> LoraWeights:
+    """LoRA's usual init: random ``down`` (std 1/sqrt(in)), zero ``up``, so training starts at the input model.
+    ``subjects``: one such LoRA per subject (a leading batch dimension)."""
+    lead = () if subjects is None else (subjects,)
     down, up = {}, {}
     for name in names:
         linear = modules[name]
-        down[name] = (torch.randn(rank, linear.in_features, generator=generator) / math.sqrt(linear.in_features)).to(device).requires_grad_()
-        up[name] = torch.zeros(linear.out_features, rank, device=device).requires_grad_()
+        down[name] = (torch.randn(*lead, rank, linear.in_features, generator=generator) / math.sqrt(linear.in_features)).to(device).requires_grad_()
+        up[name] = torch.zeros(*lead, linear.out_features, rank, device=device).requires_grad_()
     return LoraWeights(down, up)
+
+
+def _per_sample(lora: LoraWeights, repeats: int) -> LoraWeights:
+    """Each subject's factors repeated for its ``repeats`` samples in the step's batch (autograd flows back)."""
+    if repeats == 1:
+        return lora
+    return LoraWeights({n: d.repeat_interleave(repeats, 0) for n, d in lora.down.items()},
+                       {n: u.repeat_interleave(repeats, 0) for n, u in lora.up.items()})
 
 
 def rank_relaxed_finetune(
@@ -75,33 +91,50 @@ def rank_relaxed_finetune(
 ) -> FinetuneResult:
     """Train a fresh rank-``config.rank`` LoRA over the predicted one; ``callback`` may raise to cancel.
 
-    ``latents`` are the subject image(s) in the denoiser's latent space, ``(N, C, H, W)``.
+    ``latents`` are the subject image(s) in the denoiser's latent space, ``(N, C, H, W)``; for a batched
+    ``predicted`` (S subjects at once) ``(S, N, C, H, W)``, and the denoiser is then called on ``S * batch_size``
+    samples, subject-major. ``losses`` are per step, averaged over subjects.
     """
-    if latents.dim() != 4 or latents.shape[0] == 0:
-        raise HyperNetError(f"need subject latents of shape (N, C, H, W) with N >= 1, got {tuple(latents.shape)}")
+    subjects = predicted.batch_size
+    if subjects is None:
+        if latents.dim() != 4 or latents.shape[0] == 0:
+            raise HyperNetError(f"need subject latents of shape (N, C, H, W) with N >= 1, got {tuple(latents.shape)}")
+        latents = latents.unsqueeze(0)
+    elif latents.dim() != 5 or latents.shape[0] != subjects or latents.shape[1] == 0:
+        raise HyperNetError(f"{subjects} subjects at once need latents of shape ({subjects}, N, C, H, W) with N >= 1, got {tuple(latents.shape)}")
     if not torch.isfinite(latents).all():
         raise HyperNetError("subject latents contain NaN/inf")
     device = latents.device
+    count, per_subject = latents.shape[0], config.batch_size
     generator = torch.Generator().manual_seed(config.seed)
-    learned = fresh_lora(modules, predicted.names, config.rank, generator, device)
+    learned = fresh_lora(modules, predicted.names, config.rank, generator, device, subjects)
     optimizer = torch.optim.AdamW(list(learned.down.values()) + list(learned.up.values()), lr=config.learning_rate, weight_decay=0.0)
     fixed = predicted.detach().to(device)
-    handles = [attach_lora(modules, fixed), attach_lora(modules, learned)]
+    if subjects is None:  # shared factors fit any batch: hook them once
+        handles = [attach_lora(modules, fixed), attach_lora(modules, learned)]
+    else:
+        handles = [attach_lora(modules, _per_sample(fixed, per_subject))]
     losses: list[float] = []
     try:
         for step in range(config.steps):
-            index = torch.randint(latents.shape[0], (config.batch_size,), generator=generator)
-            x0 = latents[index.to(device)]
+            index = torch.randint(latents.shape[1], (count, per_subject), generator=generator)
+            x0 = latents[torch.arange(count).unsqueeze(1), index].flatten(0, 1).to(device)
             noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
-            timesteps = torch.randint(config.min_timestep, min(config.max_timestep, schedule.num_timesteps), (config.batch_size,), generator=generator)
+            timesteps = torch.randint(config.min_timestep, min(config.max_timestep, schedule.num_timesteps), (count * per_subject,), generator=generator)
             x_t = schedule.add_noise(x0, noise, timesteps.to(device))
-            loss = denoising_loss(denoiser(x_t, timesteps.to(device)), noise).mean()
+            if subjects is None:
+                prediction = denoiser(x_t, timesteps.to(device))
+            else:
+                with attach_lora(modules, _per_sample(learned, per_subject)):
+                    prediction = denoiser(x_t, timesteps.to(device))
+            per_subject_loss = denoising_loss(prediction, noise).view(count, per_subject).mean(1)
+            loss = per_subject_loss.sum()
             if not torch.isfinite(loss):
                 raise HyperNetError(f"finetune loss became {loss.item()} at step {step + 1}; lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(loss.item() / count)
             if callback is not None:
                 callback(step + 1, losses[-1])
     finally:

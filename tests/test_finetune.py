@@ -94,3 +94,35 @@ def test_finetune_cancel_and_bad_input():
         rank_relaxed_finetune(bound.modules, predicted, torch.full((1, 4, 8, 8), float("nan")), denoiser, NoiseSchedule.scaled_linear())
     with pytest.raises(HyperNetError, match="shape"):
         rank_relaxed_finetune(bound.modules, predicted, torch.randn(4, 8, 8), denoiser, NoiseSchedule.scaled_linear())
+
+
+def test_subjects_tuned_together_stay_independent():
+    """Tuned in one batch, a subject's LoRA depends on its own latents only, as if tuned alone."""
+    unet = tiny_unet()
+    bound = locate_targets(unet)
+    generator = torch.Generator().manual_seed(4)
+    a, b, c = (torch.randn(2, 4, 8, 8, generator=generator) for _ in range(3))
+    context = torch.randn(1, 5, 32, generator=generator)
+    shared = random_lora(bound.layers, 1, 5, scale=0.05)
+    predicted = LoraWeights({n: torch.stack([d, d * 2]) for n, d in shared.down.items()}, {n: torch.stack([u, u]) for n, u in shared.up.items()})
+    calls = []
+
+    def denoiser(x_t, t):
+        calls.append(x_t.shape[0])
+        return unet(x_t, t, context.expand(x_t.shape[0], -1, -1)).sample
+
+    config = FinetuneConfig(steps=6, rank=2, learning_rate=3e-3, seed=0, batch_size=2)
+    schedule = NoiseSchedule.scaled_linear()
+    with_b = rank_relaxed_finetune(bound.modules, predicted, torch.stack([a, b]), denoiser, schedule, config)
+    with_c = rank_relaxed_finetune(bound.modules, predicted, torch.stack([a, c]), denoiser, schedule, config)
+    assert set(calls) == {4}  # one forward per step: 2 subjects x 2 samples
+    assert with_b.learned.batch_size == 2 and with_b.lora.batch_size == 2
+    name = bound.names[0]
+    torch.testing.assert_close(with_b.learned.select(0).delta(name), with_c.learned.select(0).delta(name), rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(with_b.learned.select(1).delta(name), with_c.learned.select(1).delta(name), atol=1e-7)
+    assert with_b.learned.select(1).delta(name).abs().max() > 0  # the second subject learned something too
+    for i in range(2):
+        torch.testing.assert_close(with_b.lora.select(i).delta(name), predicted.select(i).delta(name) + with_b.learned.select(i).delta(name), rtol=1e-4, atol=1e-6)
+    assert all(not m._forward_hooks for m in bound.modules.values())
+    with pytest.raises(HyperNetError, match=r"\(2, N, C, H, W\)"):
+        rank_relaxed_finetune(bound.modules, predicted, a, denoiser, schedule, config)
