@@ -472,8 +472,12 @@ def save_subject_lora(
     base_arch: str,
     dtype: torch.dtype = torch.float32,
     provenance: dict | None = None,
+    embedding: SubjectEmbedding | None = None,
 ) -> Path:
-    """A standard kohya LoRA: ComfyUI's LoraLoader, A1111 and diffusers load it as is (SDXL in kohya's SDXL naming)."""
+    """A standard kohya LoRA: ComfyUI's LoraLoader, A1111 and diffusers load it as is (SDXL in kohya's SDXL naming).
+
+    A predicted word embedding travels inside as A1111's bundled embedding (``bundle_emb.<word>.string_to_param.*``,
+    which A1111/Forge register as the word ``<word>``, and ComfyUI's ``embedding:<file>`` syntax also reads)."""
     lora.check_against(layers)
     ranks = sorted({lora.rank(n) for n in lora.names})
     metadata = {
@@ -487,7 +491,11 @@ def save_subject_lora(
         "ss_network_alpha": str(ranks[-1]),
         "ss_base_model_version": {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}.get(base_arch, base_arch),
     }
-    return write_safetensors_atomic(lora_to_kohya(lora, dtype, unet_naming_for(base_arch)), metadata, path)
+    tensors = lora_to_kohya(lora, dtype, unet_naming_for(base_arch))
+    if embedding is not None:
+        tensors[f"{BUNDLE_PREFIX}{embedding.word}{BUNDLE_SUFFIX}"] = embedding.vectors.to(dtype).contiguous()
+        metadata["placeholder"] = embedding.word
+    return write_safetensors_atomic(tensors, metadata, path)
 
 
 def load_subject_lora(path: str | os.PathLike) -> tuple[LoraWeights, dict[str, str]]:
@@ -508,8 +516,10 @@ def save_compact_subject_lora(
     *,
     base_arch: str,
     provenance: dict | None = None,
+    embedding: SubjectEmbedding | None = None,
 ) -> Path:
-    """Only the LiDB trainables (one flat float32 vector) + what is needed to rebuild the aux bases.
+    """Only the LiDB trainables (one flat float32 vector) + what is needed to rebuild the aux bases
+    (+ the predicted word embedding as ``token_embedding``, its word in the metadata).
 
     ~106 KB for SD1.5 defaults (26,400 numbers). Learned aux bases live in the hypernetwork file, so a
     compact LoRA from a learned-aux hypernetwork cannot stand alone: export the standard form instead.
@@ -531,7 +541,11 @@ def save_compact_subject_lora(
         "base_arch": base_arch,
         "provenance": json.dumps(provenance or {}),
     }
-    return write_safetensors_atomic({"lidb_trainables": flat}, metadata, path)
+    tensors = {"lidb_trainables": flat}
+    if embedding is not None:
+        tensors["token_embedding"] = embedding.vectors.float().contiguous()
+        metadata["placeholder"] = embedding.word
+    return write_safetensors_atomic(tensors, metadata, path)
 
 
 def load_compact_subject_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LidbBasis, dict[str, str]]:
@@ -562,3 +576,53 @@ def expand_compact_subject_lora(path: str | os.PathLike) -> tuple[LoraWeights, l
     """Compact -> the exact factors the standard file holds."""
     trainables, basis, metadata = load_compact_subject_lora(path)
     return basis.expand_exact(trainables), basis.layers, metadata
+
+
+# ----------------------------------------------------------------------------- the predicted word embedding
+
+BUNDLE_PREFIX, BUNDLE_SUFFIX = "bundle_emb.", ".string_to_param.*"
+
+
+@dataclass
+class SubjectEmbedding:
+    """The word embedding a tuning-encoder hypernetwork predicts for its placeholder word (``word``, e.g. "sks")."""
+
+    word: str
+    vectors: torch.Tensor  # (1, dim): one token
+
+    def __post_init__(self) -> None:
+        if self.vectors.dim() == 1:
+            self.vectors = self.vectors.unsqueeze(0)
+        if self.vectors.dim() != 2 or self.vectors.shape[0] != 1:
+            raise HyperNetError(f"a subject embedding is one token vector, got shape {tuple(self.vectors.shape)}")
+        if not self.word or any(c.isspace() or c == "." for c in self.word):
+            raise HyperNetError(f"invalid placeholder word {self.word!r}: one word, no dots or spaces")
+
+
+def save_textual_inversion(path: str | os.PathLike, embedding: SubjectEmbedding, *, base_arch: str) -> Path:
+    """A textual-inversion file as A1111 writes them (``emb_params``, one vector): ComfyUI's ``embedding:<name>``
+    prompt syntax and A1111/Forge (as the word ``<name>``) load it as is."""
+    metadata = {"format": "textual_inversion", "placeholder": embedding.word, "base_arch": base_arch}
+    return write_safetensors_atomic({"emb_params": embedding.vectors.float().contiguous()}, metadata, path)
+
+
+def load_subject_embedding(path: str | os.PathLike) -> SubjectEmbedding | None:
+    """The word embedding a subject LoRA file (standard or compact) or a textual-inversion file carries; None if none."""
+    path = Path(path)
+    tensors, metadata = read_safetensors(path, "subject embedding")
+    if "token_embedding" in tensors and metadata.get("format") == COMPACT_LORA_FORMAT:
+        found = [(metadata.get("placeholder", "sks"), tensors["token_embedding"])]
+    elif "emb_params" in tensors:
+        found = [(metadata.get("placeholder", path.name.split(".")[0]), tensors["emb_params"])]
+    else:
+        found = [(k[len(BUNDLE_PREFIX): -len(BUNDLE_SUFFIX)], v) for k, v in tensors.items() if k.startswith(BUNDLE_PREFIX) and k.endswith(BUNDLE_SUFFIX)]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise FileFormatError(f"{path.name} bundles {len(found)} embeddings ({', '.join(w for w, _ in found)}); a subject LoRA carries one")
+    word, vectors = found[0]
+    _require_finite({word: vectors}, "subject embedding", path)
+    try:
+        return SubjectEmbedding(word, vectors.float())
+    except HyperNetError as error:
+        raise FileFormatError(f"{path.name}: {error}") from error

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .files import HyperNetInfo, save_compact_subject_lora, save_subject_lora
+from .files import HyperNetInfo, SubjectEmbedding, save_compact_subject_lora, save_subject_lora, save_textual_inversion
 from .hypernetwork import HyperNetwork
+from .errors import HyperNetError
 from .lidb import LidbBasis
 from .lora import LoraWeights
 from .targets import TargetLayer
@@ -28,17 +29,28 @@ class SubjectLora:
     trainables: dict[str, torch.Tensor] | None = None  # LiDB numbers, when predicted in LiDB form
     basis: LidbBasis | None = None
     provenance: dict = field(default_factory=dict)
-    token_embedding: torch.Tensor | None = None
+    token_embedding: torch.Tensor | None = None  # (dim,): the predicted word embedding of ``placeholder``
+    placeholder: str = "sks"
 
     @property
     def can_save_compact(self) -> bool:
         return self.trainables is not None and self.basis is not None and not self.basis.config.learned_aux
 
+    @property
+    def embedding(self) -> SubjectEmbedding | None:
+        return None if self.token_embedding is None else SubjectEmbedding(self.placeholder, self.token_embedding.detach().float().cpu())
+
     def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
-        return save_subject_lora(path, self.lora, self.layers, base_arch=self.base_arch, dtype=dtype, provenance=self.provenance)
+        return save_subject_lora(path, self.lora, self.layers, base_arch=self.base_arch, dtype=dtype, provenance=self.provenance, embedding=self.embedding)
 
     def save_compact(self, path: str | os.PathLike) -> Path:
-        return save_compact_subject_lora(path, self.trainables, self.basis, base_arch=self.base_arch, provenance=self.provenance)
+        return save_compact_subject_lora(path, self.trainables, self.basis, base_arch=self.base_arch, provenance=self.provenance, embedding=self.embedding)
+
+    def save_embedding(self, path: str | os.PathLike) -> Path:
+        """The word embedding alone, as a textual-inversion file (ComfyUI's models/embeddings, A1111's embeddings/)."""
+        if self.embedding is None:
+            raise HyperNetError("this subject LoRA has no word embedding (its hypernetwork was not trained with --token-embedding)")
+        return save_textual_inversion(path, self.embedding, base_arch=self.base_arch)
 
 
 @torch.no_grad()
@@ -59,6 +71,7 @@ def predict_subject_lora(hypernet: HyperNetwork, reference_features: torch.Tenso
         basis, trainables = None, None
         lora = hypernet.params_to_lora(params)
     provenance = {"hypernet": info.path.name} if info is not None else {}
+    placeholder = str(info.provenance.get("placeholder", "sks")) if info is not None else "sks"
     return SubjectLora(
         layers=list(hypernet.layers),
         lora=lora.detach(),
@@ -66,5 +79,6 @@ def predict_subject_lora(hypernet: HyperNetwork, reference_features: torch.Tenso
         trainables=trainables,
         basis=basis,
         provenance=provenance,
-        token_embedding=None if output.token_embedding is None else output.token_embedding[0].cpu(),
+        token_embedding=None if output.token_embedding is None else output.token_embedding[0].float().cpu(),
+        placeholder=placeholder,
     )

@@ -5,6 +5,7 @@ from .finetune import RankRelaxedFinetune
 from .loaders import LoadCompactSubjectLora, LoadSubjectHyperNet
 from .lora_nodes import ApplySubjectLora, SaveSubjectLora
 from .predict import PredictSubjectLora
+from .prompt import SubjectPromptEncode
 from .sampling import HMCFGGuiderNode, HMCFGKSampler
 
 register_model_folders()
@@ -19,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
     "SubjectHyperNet_SaveSubjectLora": SaveSubjectLora,
     "SubjectHyperNet_LoadCompactSubjectLora": LoadCompactSubjectLora,
     "SubjectHyperNet_ApplySubjectLora": ApplySubjectLora,
+    "SubjectHyperNet_SubjectPromptEncode": SubjectPromptEncode,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -30,4 +32,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SubjectHyperNet_SaveSubjectLora": "Save Subject LoRA",
     "SubjectHyperNet_LoadCompactSubjectLora": "Load Subject LoRA (compact)",
     "SubjectHyperNet_ApplySubjectLora": "Apply Subject LoRA",
+    "SubjectHyperNet_SubjectPromptEncode": "Subject Prompt Encode",
 }

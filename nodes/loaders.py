@@ -5,7 +5,7 @@ from __future__ import annotations
 import folder_paths
 
 from ..hypernet import load_hypernet
-from ..hypernet.files import COMFYUI_HYPERNET_NAME, MAKE_A_HYPERNET, load_compact_subject_lora
+from ..hypernet.files import COMFYUI_HYPERNET_NAME, MAKE_A_HYPERNET, load_compact_subject_lora, load_subject_embedding
 from ..hypernet.subject import SubjectLora
 from .comfy_bridge import CATEGORY, HYPERNET_FOLDER, SUBJECT_LORA_FOLDER, lora_model_from_subject
 
@@ -66,5 +66,7 @@ class LoadCompactSubjectLora:
         path = folder_paths.get_full_path_or_raise(SUBJECT_LORA_FOLDER, lora_name)
         trainables, basis, metadata = load_compact_subject_lora(path)
         lora = basis.expand_exact(trainables)
-        subject = SubjectLora(basis.layers, lora, metadata.get("base_arch", "unknown"), trainables, basis, {"compact_file": lora_name})
+        embedding = load_subject_embedding(path)
+        subject = SubjectLora(basis.layers, lora, metadata.get("base_arch", "unknown"), trainables, basis, {"compact_file": lora_name},
+                              token_embedding=None if embedding is None else embedding.vectors[0], placeholder=embedding.word if embedding else "sks")
         return (lora_model_from_subject(subject),)

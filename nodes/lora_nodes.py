@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import folder_paths
 
@@ -20,7 +21,9 @@ def _checked_prefix(prefix: str) -> str:
 class SaveSubjectLora:
     DESCRIPTION = (
         "Saves a subject LoRA as a standard kohya LoRA in models/loras (the core Load LoRA node, A1111 and diffusers load it) "
-        "and, when it came from a LiDB hypernetwork, also the ~100 KB compact form in models/subject_loras."
+        "and, when it came from a LiDB hypernetwork, also the ~100 KB compact form in models/subject_loras. A predicted word "
+        "embedding goes inside both and, as a textual-inversion file of the same name, into models/embeddings "
+        "(prompts then say embedding:<name>)."
     )
 
     @classmethod
@@ -50,6 +53,14 @@ class SaveSubjectLora:
             if save_compact and subject.can_save_compact:
                 compact_dir = folder_paths.get_folder_paths(SUBJECT_LORA_FOLDER)[0]
                 written.append(save_to_free_name(compact_dir, prefix, ".compact.safetensors", subject.save_compact))
+            if subject.embedding is not None:  # same name as the LoRA, so "embedding:<lora name>" finds it
+                embeddings_dir = Path(folder_paths.get_folder_paths("embeddings")[0])
+                target = embeddings_dir / os.path.relpath(written[0], loras_dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.exists():  # never replace another embedding: take the next free name instead
+                    written.append(save_to_free_name(embeddings_dir, prefix, ".safetensors", subject.save_embedding))
+                else:
+                    written.append(subject.save_embedding(target))
         else:  # a LORA_MODEL from elsewhere: write its kohya dict as is
             written = [save_to_free_name(loras_dir, prefix, ".safetensors", lambda path: write_safetensors_atomic(dict(subject_lora), {"format": "kohya"}, path))]
         name = os.path.relpath(written[0], loras_dir)

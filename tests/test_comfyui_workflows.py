@@ -184,7 +184,7 @@ def test_core_lora_loader_on_the_saved_file_equals_the_pack(comfy_run):
 PARITY_CODE = r"""
 import sys, torch, json
 sys.path.append(spec["repo"])
-import comfy.clip_vision, comfy.sd, comfy.samplers, comfy.model_management, folder_paths
+import comfy.clip_vision, comfy.sd, comfy.sd1_clip, comfy.samplers, comfy.model_management, folder_paths, os
 from training.image_encoder import load_image_encoder
 result = {}
 clip_path = folder_paths.get_full_path("clip_vision", "CLIP-ViT-L-14.safetensors")
@@ -254,6 +254,36 @@ with torch.no_grad():
 result["backbone"] = {"unet": float((ours_unet - theirs_unet).abs().max()), "unet_scale": float(theirs_unet.abs().max()),
                       "text": float((ours_text - theirs_text).abs().max()), "text_scale": float(theirs_text.abs().max()),
                       "latent": float((ours_latent - theirs_latent).abs().max()), "latent_scale": float(theirs_latent.abs().max())}
+
+# Subject Prompt Encode: the placeholder as the predicted word embedding, the same conditioning as the trainer's encoder
+# (adapted text encoder + embedding) on the same files; the saved embedding works through ComfyUI's own embedding: syntax
+import dataclasses
+from hypernet.words import nearest_real_word
+from hypernet import locate_targets as locate
+from training.sampling import _encode as trainer_encode
+pack = guider_module.__name__.rsplit(".", 2)[0]
+bridge = sys.modules[pack + ".nodes.comfy_bridge"]
+vector = torch.randn(768, generator=torch.Generator().manual_seed(9)) * 0.02
+with_word = bridge.lora_model_from_subject(dataclasses.replace(lora.subject, token_embedding=vector, placeholder="sks"))
+prompt_node = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_SubjectPromptEncode"]()
+text = "a photo of a sks toy on a red background"
+subject_cond, base_cond = prompt_node.encode(clip_s, with_word, text, base_clip=clip)
+plain_subject = prompt_node.encode(clip, with_word, text)[0]
+saved_files = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_SaveSubjectLora"]().save(with_word, "embedded/subject", True)["ui"]["text"]
+via_core = core.CLIPTextEncode().encode(clip, "a photo of a embedding:embedded/subject_00001 toy on a red background")[0]
+with torch.no_grad():
+    ours_subject = trainer_encode(backbone, [text], "cpu", locate(None, [backbone.text_encoder]).modules, lora.subject.lora, vector.unsqueeze(0), "sks").context
+    placeholder_id = backbone.tokenizer("sks", add_special_tokens=False).input_ids[0]
+    nearest = nearest_real_word(vector, backbone.text_encoder.get_input_embeddings().weight, set(backbone.tokenizer.all_special_ids) | {placeholder_id})
+    ids = backbone.tokenizer(text, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ours_base = backbone.text_encoder(torch.where(ids == placeholder_id, nearest, ids))[0]
+bundled = comfy.sd1_clip.load_embed("subject_00001", [os.path.join(folder_paths.get_folder_paths("loras")[0], "embedded")], 768, "clip_l")
+result["subject_prompt"] = {"subject": float((subject_cond[0][0].float() - ours_subject).abs().max()), "subject_scale": float(ours_subject.abs().max()),
+                            "base": float((base_cond[0][0].float() - ours_base).abs().max()), "base_scale": float(ours_base.abs().max()),
+                            "embedding_moves_it": float((subject_cond[0][0] - base_cond[0][0]).abs().max()),
+                            "core_embedding_syntax": float((via_core[0][0] - plain_subject[0][0]).abs().max()),
+                            "bundled_in_lora": float((bundled.reshape(-1) - vector).abs().max()),
+                            "saved": [os.path.relpath(f, folder_paths.models_dir) for f in saved_files], "nearest": backbone.tokenizer.convert_ids_to_tokens(nearest)}
 
 # Save Subject LoRA: two saves at once (two queues, two tabs) must get two names, each file whole
 import os, threading
@@ -327,6 +357,20 @@ def test_training_backbone_computes_what_comfyui_computes_for_the_same_checkpoin
     for part in ("unet", "text", "latent"):
         assert parity[part] <= 1e-4 * max(1.0, parity[f"{part}_scale"]), parity
         assert parity[f"{part}_scale"] > 1e-3  # not a comparison of zeros
+
+
+def test_subject_prompt_encode_equals_the_trainers_encoding_and_the_saved_embedding_works_in_core_nodes(comfy_run):
+    assert "code_error" not in comfy_run["report"], comfy_run["report"].get("code_error")
+    parity = comfy_run["report"]["code_result"]["subject_prompt"]
+    print("subject prompt parity:", parity)
+    for part in ("subject", "base"):
+        assert parity[part] <= 1e-4 * max(1.0, parity[f"{part}_scale"]), parity
+        assert parity[f"{part}_scale"] > 1e-3
+    assert parity["embedding_moves_it"] > 1e-3  # the subject and base conditionings differ where the word is
+    assert parity["core_embedding_syntax"] <= 1e-5  # CLIPTextEncode with embedding:<saved name> gives the same conditioning
+    assert parity["bundled_in_lora"] == 0.0  # ComfyUI's embedding loader reads the vector bundled in the LoRA file
+    assert sorted(parity["saved"]) == sorted(["loras/embedded/subject_00001.safetensors", "subject_loras/embedded/subject_00001.compact.safetensors",
+                                              "embeddings/embedded/subject_00001.safetensors"])
 
 
 def test_two_saves_at_once_get_two_names_and_whole_files(comfy_run):

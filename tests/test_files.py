@@ -365,3 +365,53 @@ def test_orphan_temporary_files_are_removed_and_nothing_else(tmp_path):
     removed = files.remove_orphan_temporaries(tmp_path)
     assert sorted(p.name for p in removed) == [".checkpoint.pt.a1b2c3d4.tmp", ".hypernet.safetensors.k_9x2mzq.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp", "checkpoint.pt", "keep.tmp"]
+
+
+def test_predicted_word_embedding_travels_in_every_subject_file(setup, tmp_path):
+    """Standard LoRA (A1111's bundled embedding), compact LoRA and a textual-inversion file all give it back;
+    the LoRA factors read from the standard file are unchanged by it; files without one give None."""
+    from hypernet.files import SubjectEmbedding, load_subject_embedding
+    from hypernet.subject import SubjectLora
+
+    hypernet, _, _, bound, _ = setup
+    subject = predict_subject_lora(hypernet, features(1))
+    assert subject.embedding is None
+    plain = subject.save(tmp_path / "plain.safetensors")
+    assert load_subject_embedding(plain) is None and load_subject_embedding(subject.save_compact(tmp_path / "plain.compact.safetensors")) is None
+    with pytest.raises(files.HyperNetError, match="no word embedding"):
+        subject.save_embedding(tmp_path / "none.safetensors")
+
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(7))
+    with_word = SubjectLora(subject.layers, subject.lora, "sd15", subject.trainables, subject.basis, token_embedding=vector, placeholder="zwx")
+    standard = with_word.save(tmp_path / "s.safetensors")
+    compact = with_word.save_compact(tmp_path / "s.compact.safetensors")
+    inversion = with_word.save_embedding(tmp_path / "s_embedding.safetensors")
+    assert list(load_file(inversion)) == ["emb_params"] and load_file(inversion)["emb_params"].shape == (1, 32)
+    assert "bundle_emb.zwx.string_to_param.*" in load_file(standard)
+    for path in (standard, compact, inversion):
+        found = load_subject_embedding(path)
+        assert found.word == "zwx" and torch.equal(found.vectors[0], vector), path.name
+    lora, _ = load_subject_lora(standard)
+    assert sorted(lora.names) == sorted(subject.lora.names) and all(torch.equal(lora.down[n], subject.lora.down[n]) for n in lora.names)
+
+    two = dict(load_file(standard), **{"bundle_emb.other.string_to_param.*": torch.zeros(1, 32)})
+    save_file(two, tmp_path / "two.safetensors")
+    with pytest.raises(FileFormatError, match="2 embeddings"):
+        load_subject_embedding(tmp_path / "two.safetensors")
+    with pytest.raises(files.HyperNetError, match="one token vector"):
+        SubjectEmbedding("zwx", torch.zeros(2, 32))
+
+
+def test_nearest_real_word_skips_special_pruned_and_excluded_rows():
+    from hypernet.words import nearest_real_word, single_token_id
+
+    table = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
+    assert nearest_real_word(torch.tensor([1.0, 0.0]), table) == 0
+    assert nearest_real_word(torch.tensor([1.0, 0.0]), table, excluded=[0]) == 1
+    assert nearest_real_word(torch.tensor([0.2, 1.0]), table) == 3
+    assert nearest_real_word(torch.tensor([1.0, 1.0]), table, excluded=[4]) in (1, 3)
+    with pytest.raises(files.HyperNetError, match="size 3"):
+        nearest_real_word(torch.ones(3), table)
+    assert single_token_id([42], "sks") == 42
+    with pytest.raises(files.HyperNetError, match="2 tokens"):
+        single_token_id([1, 2], "two words")

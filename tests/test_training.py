@@ -173,5 +173,11 @@ def test_objective_and_engineering_options_train(tmp_path, options):
     if "--token-embedding" in options:
         assert "nn" in rows[-1] and info.config.token_embedding_dim == 32 and info.config.lidb.learned_aux
         assert not (tmp_path / "subject_lora.compact.safetensors").exists()  # learned aux: standard form only
+        from hypernet.files import load_subject_embedding
+
+        # the export's subject LoRA carries the predicted word embedding, and a textual-inversion file holds it alone
+        in_lora, alone = load_subject_embedding(tmp_path / "subject_lora.safetensors"), load_subject_embedding(tmp_path / "subject_embedding.safetensors")
+        assert in_lora.word == alone.word == "sks" and in_lora.vectors.shape == (1, 32) and torch.equal(in_lora.vectors, alone.vectors)
+        assert info.provenance["placeholder"] == "sks"
     else:
         assert info.config.output == "lora" and not any("_text_model_" in l.name for l in info.layers)

@@ -204,7 +204,8 @@ def _run(config: TrainConfig, interrupts: Interrupts) -> TrainResult:
         return None  # type: ignore[return-value]
     save_training_state(output_dir, accelerator, hypernet, optimizer, scheduler, completed, layers, feature_spec, config)
     provenance = {"trainer": "comfyui-subject-hypernet training.train", "steps": config.max_steps, "backbone": str(config.backbone),
-                  "image_encoder": str(config.image_encoder), "data": str(config.data), "seed": config.seed}
+                  "image_encoder": str(config.image_encoder), "data": str(config.data), "seed": config.seed,
+                  **({"placeholder": config.placeholder} if config.token_embedding else {})}
     hypernet_path = save_hypernet(output_dir / "hypernet.safetensors", model.float().cpu(), base_arch=backbone.arch, provenance=provenance)
     model.to(accelerator.device)
     reference = dataset.reference_images(0)
@@ -215,9 +216,11 @@ def _run(config: TrainConfig, interrupts: Interrupts) -> TrainResult:
     subject = predict_subject_lora(model, features, read_hypernet_info(hypernet_path))
     subject_path = subject.save(output_dir / "subject_lora.safetensors")
     compact_path = subject.save_compact(output_dir / "subject_lora.compact.safetensors") if subject.can_save_compact else None
+    embedding_path = subject.save_embedding(output_dir / "subject_embedding.safetensors") if subject.embedding is not None else None
     grid_path = write_sample_grid(output_dir / "samples" / "final.png", model, backbone, encoder, preview, unet_targets, text_targets, config) if config.sample_subjects > 0 else None
     print(f"\nexported hypernetwork: {hypernet_path}\nsubject LoRA (kohya):  {subject_path}\n"
           + (f"subject LoRA (compact, {compact_path.stat().st_size} bytes): {compact_path}\n" if compact_path else "")
+          + (f"subject word embedding (textual inversion; the word {subject.placeholder!r} in prompts): {embedding_path}\n" if embedding_path else "")
           + (f"sample grid (reference | base | personalised | HM-CFG; {'held-out subjects, ' if preview is not dataset else ''}"
              f"prompt from another image of the subject): {grid_path}\n" if grid_path else "")
           + f"metrics: {metrics_path}\n{comfyui_install_hint(hypernet_path, backbone.arch)}", flush=True)
