@@ -156,3 +156,61 @@ def test_each_objective_term_has_its_weight_vanishes_at_zero_and_reaches_only_it
 
     # the denoising loss itself reaches the LoRA heads and, through the placeholder's embedding, the embedding head
     assert all(base_grads[n] is not None and base_grads[n].abs().sum() > 0 for n in base_grads if n.startswith(LORA_PARAMETERS + EMBEDDING_PARAMETERS))
+
+
+def test_nearest_neighbour_loss_pulls_toward_real_words_and_apart_from_other_subjects():
+    """The tuning encoder's regulariser, by its numbers: descending it raises each embedding's cosine to its nearest
+    vocabulary word and lowers the cosine between different subjects; another view of the same subject is no negative."""
+    from hypernet.losses import nearest_neighbor_contrastive_loss
+
+    generator = torch.Generator().manual_seed(0)
+    vocabulary = torch.randn(50, 16, generator=generator)
+    groups = ["a", "a", "b", "c"]
+    start = torch.randn(4, 16, generator=generator)
+    embeddings = start.clone().requires_grad_()
+
+    def cosines(v):
+        v = torch.nn.functional.normalize(v.detach(), dim=-1)
+        to_word = (v @ torch.nn.functional.normalize(vocabulary, dim=-1).T).max(dim=1).values.mean()
+        between = torch.stack([v[i] @ v[j] for i in range(4) for j in range(4) if groups[i] != groups[j]]).mean()
+        return float(to_word), float(between)
+
+    before = cosines(start)
+    optimizer = torch.optim.SGD([embeddings], lr=0.5)
+    for _ in range(100):
+        loss, nearest = nearest_neighbor_contrastive_loss(embeddings, vocabulary, 0.07, groups)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = cosines(embeddings)
+    print("cosine to nearest word, between subjects: before", before, "after", after)
+    assert after[0] > before[0] + 0.05  # (InfoNCE at t = 0.07 stops pulling once the negatives are far: 0.48 -> 0.54)
+    assert after[1] < before[1] - 0.1 and abs(after[1]) < 0.02
+
+    # the loss is the formula, term by term: the negatives of row i are the rows of OTHER subjects only
+    def by_hand(v, groups_):
+        v, vocab = torch.nn.functional.normalize(v, dim=-1), torch.nn.functional.normalize(vocabulary, dim=-1)
+        total = 0.0
+        for i in range(len(v)):
+            positive = torch.exp((v[i] @ vocab.T).max() / 0.07)
+            negatives = sum(torch.exp(v[i] @ v[j] / 0.07) for j in range(len(v)) if groups_[j] != groups_[i])
+            total += -torch.log(positive / (positive + negatives))
+        return total / len(v)
+
+    views = torch.cat([start[:1], start[:1] + 0.01, start[2:]])  # two near-identical views of subject a
+    for groups_ in (groups, ["a", "b", "c", "d"]):
+        torch.testing.assert_close(nearest_neighbor_contrastive_loss(views, vocabulary, 0.07, groups_)[0], by_hand(views, groups_))
+    # were the second view a negative, the near-duplicate would dominate the loss
+    assert nearest_neighbor_contrastive_loss(views, vocabulary, 0.07, groups)[0] < 0.5 * nearest_neighbor_contrastive_loss(views, vocabulary, 0.07, None)[0]
+
+
+def test_vocabulary_for_the_nearest_neighbour_loss_is_real_words_only():
+    from types import SimpleNamespace
+
+    from training.objective import real_word_ids
+
+    table = torch.nn.Embedding(8, 4)
+    with torch.no_grad():
+        table.weight[5] = 0  # a row a pruned vocabulary left empty
+    backbone = SimpleNamespace(tokenizer=SimpleNamespace(all_special_ids=[0, 7]), text_encoder=SimpleNamespace(get_input_embeddings=lambda: table))
+    assert real_word_ids(backbone, placeholder_id=3).tolist() == [1, 2, 4, 6]
