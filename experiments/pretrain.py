@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .overrides import apply_overrides
 from .toy_models import Sizes, pretrain_toy_world
 
 
@@ -33,12 +34,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = Sizes.quick() if args.quick else Sizes.scaled(args.scale) if args.scale != 1.0 else Sizes()
-    fields = {f.name: f.type for f in dataclasses.fields(Sizes)}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if name not in fields or not value:
-            parser.error(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
-        sizes = dataclasses.replace(sizes, **{name: type(getattr(sizes, name))(value)})
+    sizes = apply_overrides(sizes, args.set, parser)
     out = Path(args.out)
     timings = pretrain_toy_world(out, sizes)
     record = {"sizes": dataclasses.asdict(sizes), "timings_s": timings, "total_minutes": round(sum(timings.values()) / 60, 1),

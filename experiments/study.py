@@ -33,6 +33,7 @@ from training.config import PRESETS, TrainConfig
 from training.sampling import image_grid, to_pil
 from training.synthetic import SyntheticWorld, write_synthetic_dataset
 
+from .overrides import apply_overrides
 from .study_eval import Evaluator, Timer, World, lora_spread, make_cases, reader_checks
 from .study_report import write_report
 
@@ -258,12 +259,7 @@ def main(argv=None) -> None:
         plan.variants = tuple(args.variants)
     if args.preopt_subjects is not None:
         plan.preopt_subjects = args.preopt_subjects
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if not hasattr(plan, name) or not value:
-            parser.error(f"--set {item!r}: expected FIELD=JSON with FIELD a field of Plan")
-        parsed = json.loads(value)
-        setattr(plan, name, tuple(parsed) if isinstance(parsed, list) else parsed)
+    plan = apply_overrides(plan, args.set, parser)
     run_study(plan, Path(args.out), docs, args.quick)
 
 

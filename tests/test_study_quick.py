@@ -63,3 +63,23 @@ def test_quick_study_runs_every_stage_and_writes_its_report(quick_world, tmp_pat
     (docs / "study_quick.md").unlink()
     python("-m", "experiments.study", "--report-only", "--quick", "--docs", str(docs))
     assert (docs / "study_quick.md").read_text() == report
+
+
+def test_set_overrides_fields_of_the_study_plan_and_the_pretraining_sizes():
+    import argparse
+    import dataclasses
+
+    from experiments.overrides import apply_overrides
+    from experiments.study import Plan
+    from experiments.toy_models import Sizes
+
+    parser = argparse.ArgumentParser()
+    plan = apply_overrides(Plan(), ["seeds=[0,1,2]", "finetune_lr=1", "hypernet={\"learning_rate\": 0.002}", "world=runs/w"], parser)
+    assert plan.seeds == (0, 1, 2) and plan.finetune_lr == 1.0 and isinstance(plan.finetune_lr, float)
+    assert plan.hypernet == {"learning_rate": 0.002} and plan.world == "runs/w"
+    first = next(f.name for f in dataclasses.fields(Sizes) if type(getattr(Sizes(), f.name)) is int)
+    assert getattr(apply_overrides(Sizes(), [f"{first}=7"], parser), first) == 7
+    for bad in ("nonsense=1", "seeds", "eval_subjects=many"):
+        with pytest.raises(SystemExit):
+            apply_overrides(Plan(), [bad], parser)
+
