@@ -178,7 +178,9 @@ def unet_keys(lora_model: dict) -> dict:
 
 
 def apply_lora_model(model, clip, lora_model: dict, strength_model: float, strength_clip: float):
-    """Exactly what the core LoraLoader does with a file's contents: patch clones of MODEL and CLIP."""
+    """Exactly what the core LoraLoader does with a file's contents: patch clones of MODEL and CLIP (a bundled word
+    embedding reaches prompts through Subject Prompt Encode or embedding:<name>, not here)."""
     if strength_model == 0 and strength_clip == 0:
         return model, clip
-    return comfy.sd.load_lora_for_models(model, clip, lora_model if clip is not None else unet_keys(lora_model), strength_model, strength_clip)
+    weights = {k: v for k, v in lora_model.items() if not k.startswith("bundle_emb.")}  # a bundled word embedding is no weight
+    return comfy.sd.load_lora_for_models(model, clip, weights if clip is not None else unet_keys(weights), strength_model, strength_clip)
