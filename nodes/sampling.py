@@ -14,7 +14,7 @@ from ..hypernet.guidance import hm_cfg, sigma_in_window
 from ..hypernet.runtime import attach_lora
 from .comfy_bridge import CATEGORY, check_lora_fits, lora_weights_from_lora_model, model_targets, unet_keys, unet_part
 
-IMPLEMENTATIONS = ["comfy_hooks", "batched"]
+IMPLEMENTATIONS = ["auto", "comfy_hooks", "batched"]
 
 
 class HMCFGGuider(comfy.samplers.CFGGuider):
@@ -22,10 +22,13 @@ class HMCFGGuider(comfy.samplers.CFGGuider):
 
     ``comfy_hooks``: the subject LoRA rides on the subject conditioning as a ComfyUI weight hook (the
     core mechanism; the hooked prediction equals a LoRA-merged model). ``batched``: all three
-    predictions in one UNet call, the LoRA added in activation space with a per-sample gate.
+    predictions in one UNet call, the LoRA added in activation space with a per-sample gate. ``auto``: batched
+    unless another node already wraps the model function (the two cannot both wrap it), then comfy_hooks.
     """
 
     def set_subject(self, lora_model: dict, strength: float, implementation: str) -> None:
+        if implementation == "auto":
+            implementation = "comfy_hooks" if self.model_options.get("model_function_wrapper") is not None else "batched"
         self.lora_model, self.strength, self.implementation = lora_model, strength, implementation
 
     def set_conds(self, positive, negative, subject_positive):
@@ -65,7 +68,18 @@ class HMCFGGuider(comfy.samplers.CFGGuider):
         if active:
             conds.append(self.conds.get("subject"))
         out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
-        return hm_cfg(out[0], out[1], out[2] if active else None, self.cfg, self.cfg_subject)
+        uncond_pred, cond_pred = out[0], out[1]
+        base_conds = [self.conds.get("positive"), self.conds.get("negative")]
+        for fn in model_options.get("sampler_pre_cfg_function", []):  # as the core sampling_function calls them: cond first
+            cond_pred, uncond_pred = fn({"conds": base_conds, "conds_out": [cond_pred, uncond_pred], "cond_scale": self.cfg, "timestep": timestep,
+                                         "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options})
+        # HM-CFG is CFG on an effective positive prediction: uncond + s (cond_eff - uncond) equals the formula, so the
+        # result goes through ComfyUI's cfg_function, where sampler_cfg_function (RescaleCFG, ...) and post-CFG patches apply
+        scale = self.cfg if self.cfg != 0 else 1.0
+        combined = hm_cfg(uncond_pred, cond_pred, out[2] if active else None, self.cfg, self.cfg_subject)
+        cond_effective = cond_pred if not active and self.cfg != 0 else uncond_pred + (combined - uncond_pred) / scale
+        return comfy.samplers.cfg_function(self.inner_model, cond_effective, uncond_pred, scale, x, timestep, model_options=model_options,
+                                           cond=base_conds[0], uncond=base_conds[1])
 
 
 def _guider_inputs():
@@ -84,11 +98,11 @@ def _guider_inputs():
 _OPTIONAL = {
     "subject_positive": ("CONDITIONING", {"tooltip": "The prompt encoded with the subject-adapted CLIP (Predict's CLIP output). Defaults to 'positive'."}),
     "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "Subject LoRA strength inside the subject model."}),
-    "implementation": (IMPLEMENTATIONS, {"default": "comfy_hooks", "tooltip": "comfy_hooks works with every other node; batched is faster (docs/benchmarks.md) but cannot be combined with other model-function wrappers."}),
+    "implementation": (IMPLEMENTATIONS, {"default": "auto", "tooltip": "auto: batched (fastest) unless another node wraps the model function, then comfy_hooks."}),
 }
 
 
-def make_guider(model, subject_lora, positive, negative, cfg_text, cfg_subject, subject_start, subject_end, subject_positive=None, strength=1.0, implementation="comfy_hooks"):
+def make_guider(model, subject_lora, positive, negative, cfg_text, cfg_subject, subject_start, subject_end, subject_positive=None, strength=1.0, implementation="auto"):
     if subject_start > subject_end:
         raise ValueError(f"subject_start ({subject_start}) must not be after subject_end ({subject_end})")
     check_lora_fits(subject_lora, model)

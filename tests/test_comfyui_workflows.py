@@ -233,6 +233,21 @@ hm["scale"] = float(expected.abs().max())
 hm["subject_term_matters"] = float((expected - guidance.hm_cfg(base_u, base_c, None, 5.0, 2.0)).abs().max())
 closed = guider_module.make_guider(model, lora, pos, neg, 5.0, 2.0, 0.5, 1.0, subject_positive=subj)  # first step is outside
 hm["gate_closed_equals_cfg"] = float((run(closed) - guidance.hm_cfg(base_u, base_c, None, 5.0, 2.0)).abs().max())
+# a core sampler_cfg_function patch (RescaleCFG) before HM-CFG takes effect, as it does for the core CFGGuider
+rescaled = core.NODE_CLASS_MAPPINGS["RescaleCFG"]().patch(model, 0.7)[0]
+rescaled_core = comfy.samplers.CFGGuider(rescaled)
+rescaled_core.set_conds(pos, neg)
+rescaled_core.set_cfg(5.0)
+closed_rescaled = guider_module.make_guider(rescaled, lora, pos, neg, 5.0, 2.0, 0.5, 1.0, subject_positive=subj)
+open_rescaled = guider_module.make_guider(rescaled, lora, pos, neg, 5.0, 2.0, 0.0, 1.0, subject_positive=subj)
+hm["rescale_gate_closed_equals_core"] = float((run(closed_rescaled) - run(rescaled_core)).abs().max())
+hm["rescale_changes_cfg"] = float((run(rescaled_core) - guidance.hm_cfg(base_u, base_c, None, 5.0, 2.0)).abs().max())
+hm["rescale_changes_hmcfg"] = float((run(open_rescaled) - expected).abs().max())
+wrapped = model.clone()
+wrapped.set_model_unet_function_wrapper(lambda apply_model, args: apply_model(args["input"], args["timestep"], **args["c"]))
+hm["auto_chooses"] = {"plain model": guider_module.make_guider(model, lora, pos, neg, 5.0, 2.0, 0.0, 1.0, subject_positive=subj).implementation,
+                      "wrapped model": guider_module.make_guider(wrapped, lora, pos, neg, 5.0, 2.0, 0.0, 1.0, subject_positive=subj).implementation}
+hm["auto_on_wrapped_model"] = float((run(guider_module.make_guider(wrapped, lora, pos, neg, 5.0, 2.0, 0.0, 1.0, subject_positive=subj)) - expected).abs().max())
 result["hmcfg"] = hm
 
 # the training package's single-file backbone computes what ComfyUI computes for the same checkpoint
@@ -343,6 +358,12 @@ def test_hmcfg_guider_equals_the_pure_function_of_three_model_predictions(comfy_
         assert hm[implementation]["max_abs_diff"] < tolerance, hm
     assert hm["subject_term_matters"] > 1000 * tolerance  # the comparison is not vacuous
     assert hm["gate_closed_equals_cfg"] < tolerance
+    # RescaleCFG patched into the MODEL acts inside HM-CFG: the gate closed, HM-CFG is the core guider on that model
+    assert hm["rescale_changes_cfg"] > 1000 * tolerance and hm["rescale_changes_hmcfg"] > 1000 * tolerance
+    assert hm["rescale_gate_closed_equals_core"] < tolerance
+    # the default picks the batched path, and the hooks path where another node already wraps the model function
+    assert hm["auto_chooses"] == {"plain model": "batched", "wrapped model": "comfy_hooks"}
+    assert hm["auto_on_wrapped_model"] < tolerance
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
