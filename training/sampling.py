@@ -1,4 +1,4 @@
-"""Pipeline-free sampling for sample grids and the study: base, LoRA-adapted, or HM-CFG, with DDIM."""
+"""Pipeline-free sampling for sample grids and the study: base, LoRA-adapted, HM-CFG or dual-path, with DDIM."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 
 from hypernet import attach_lora
+from hypernet.dual_path import attach_dual_path
 from hypernet.guidance import hm_cfg
 from hypernet.lora import LoraWeights
+from hypernet.words import nearest_real_word
 
 from .backbone import TextConditioning
 from .objective import TokenEmbeddingOverride, split_lora
@@ -46,9 +48,12 @@ def sample(
     negative: str = "",
     token_embedding: torch.Tensor | None = None,
     placeholder: str = "sks",
+    dual_alpha: float = 0.5,
 ) -> torch.Tensor:
     """Images ``(B, 3, H, W)`` in [0, 1]. ``lora`` is per-sample (batched) or shared; ``mode`` is
-    'base' (no LoRA), 'lora' (CFG on the adapted model, text encoder adapted too) or 'hmcfg'.
+    'base' (no LoRA), 'lora' (CFG on the adapted model, text encoder adapted too), 'hmcfg' or 'dual' (CFG on the
+    adapted model with every attention output blended ``dual_alpha * adapted + (1 - dual_alpha) * vanilla``, the
+    vanilla path reading the prompt with the placeholder as the predicted embedding's nearest real word).
     ``token_embedding`` (per-sample ``(B, dim)`` or shared ``(dim,)``): the predicted word embedding that the
     placeholder means in the adapted model's prompts."""
     from diffusers import DDIMScheduler
@@ -68,6 +73,9 @@ def sample(
             token_embedding = token_embedding.expand(size, -1)
         subject_cond = _encode(backbone, prompts, device, text_modules, lora, token_embedding, placeholder)
         subject_uncond = _encode(backbone, [negative] * size, device, text_modules, lora)
+    if adapted and mode == "dual":
+        hard_cond = _encode(backbone, prompts, device, token_embedding=_nearest_words(backbone, token_embedding, placeholder), placeholder=placeholder) \
+            if token_embedding is not None else base_cond
     factor = backbone.vae_scale_factor if hasattr(backbone, "vae_scale_factor") else 8
     channels = backbone.unet.config.in_channels
     generator = torch.Generator().manual_seed(seed)
@@ -87,10 +95,41 @@ def sample(
             with attach_lora(unet_modules, _thrice(unet_lora), strength=gate):
                 eps_u, eps_c, eps_s = backbone.predict_noise(torch.cat([x, x, x]), t, TextConditioning.cat([base_uncond, base_cond, subject_cond])).chunk(3)
             eps = hm_cfg(eps_u, eps_c, eps_s, cfg_text, cfg_subject)
+        elif mode == "dual":
+            gate = torch.ones(2 * size, device=device)  # the vanilla path switches the subject LoRA off through it
+            hard_context = torch.cat([base_uncond.context, hard_cond.context])
+
+            def vanilla(module, args, kwargs):
+                gate.zero_()
+                try:
+                    if kwargs.get("encoder_hidden_states") is not None:  # cross-attention reads the hard prompt
+                        kwargs = {**kwargs, "encoder_hidden_states": hard_context}
+                    return module(*args, **kwargs)
+                finally:
+                    gate.fill_(1.0)
+
+            with attach_lora(unet_modules, _twice(unet_lora), strength=gate), attach_dual_path(attention_modules(backbone.unet), dual_alpha, vanilla):
+                eps_u, eps_c = backbone.predict_noise(torch.cat([x, x]), t, TextConditioning.cat([subject_uncond, subject_cond])).chunk(2)
+            eps = eps_u + cfg_text * (eps_c - eps_u)
         else:
             raise ValueError(f"unknown sampling mode {mode!r}")
         latents = scheduler.step(eps, t, latents).prev_sample
     return backbone.decode_latents(latents).float().clamp(-1, 1).add(1).div(2).cpu()
+
+
+def attention_modules(unet) -> dict:
+    """The UNet's attention branches (self- and cross-attention), by module name: what dual-path blending doubles."""
+    from diffusers.models.attention_processor import Attention
+
+    return {name: module for name, module in unet.named_modules() if isinstance(module, Attention)}
+
+
+def _nearest_words(backbone, token_embedding: torch.Tensor, placeholder: str) -> torch.Tensor:
+    """Per sample, the input embedding of the real word nearest to the predicted one (the hard prompt's word)."""
+    table = backbone.text_encoder.get_input_embeddings().weight.detach()
+    placeholder_id = backbone.tokenizer(placeholder, add_special_tokens=False).input_ids[0]
+    excluded = set(backbone.tokenizer.all_special_ids) | {placeholder_id}
+    return torch.stack([table[nearest_real_word(vector, table, excluded)] for vector in token_embedding])
 
 
 def _twice(lora: LoraWeights) -> LoraWeights:
