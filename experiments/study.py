@@ -64,6 +64,7 @@ class Plan:
     preopt_steps: int = 80
     preopt_batch: int = 2  # images per step: each subject has only 4, and 8 (the recipe's batch) costs 4x the time
     nn_weight: float = 0.1
+    dual_alpha: float = 0.5  # dual-path blending's adapted share, for the word-embedding variants
     variants: tuple = ("no_l2", "weight_space", "embedding", "embedding_nn")
     reader_images: int = 1024
     eval_every: int = 200
@@ -163,7 +164,7 @@ def run_methods(plan: Plan, evaluator: Evaluator, cases, train_cases, hypernets:
         log(f"{name}: subject {statistics.mean(subject):.3f}, prompt {statistics.mean(prompt):.3f}")
 
     def generate(loras, mode, form="token", cfg_subject=plan.cfg_subject, embeddings=None, cases_=cases):
-        return [evaluator.generate(cases_, loras, mode, seed, form, cfg_subject, embeddings) for seed in plan.seeds]
+        return [evaluator.generate(cases_, loras, mode, seed, form, cfg_subject, embeddings, plan.dual_alpha) for seed in plan.seeds]
 
     with timer("sample base and described"):
         record("base model", generate(None, "base"))
@@ -190,6 +191,8 @@ def run_methods(plan: Plan, evaluator: Evaluator, cases, train_cases, hypernets:
             loras, embeddings = evaluator.predict(model, cases, model_info.config.features.hidden_state)
             spread[name] = lora_spread(loras)
             record(name, generate(loras, "lora", embeddings=embeddings))
+            if embeddings is not None:  # the tuning encoder's sampling: dual-path blending with the nearest real word
+                record(f"{name} + dual path a={plan.dual_alpha:g}", generate(loras, "dual", embeddings=embeddings))
     with timer("finetunes"):
         tuned = evaluator.finetune(cases, predicted, plan.hyper_finetune_steps, plan.finetune_rank, plan.finetune_lr, seed=0)
         record(f"hypernet + finetune {plan.hyper_finetune_steps}", generate(tuned, "lora"))

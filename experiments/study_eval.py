@@ -124,13 +124,14 @@ class Evaluator:
         return out
 
     def generate(self, cases: list[Case], loras: list[LoraWeights] | None, mode: str, seed: int, form: str = "token",
-                 cfg_subject: float = 2.0, embeddings: list[torch.Tensor] | None = None) -> torch.Tensor:
+                 cfg_subject: float = 2.0, embeddings: list[torch.Tensor] | None = None, dual_alpha: float = 0.5) -> torch.Tensor:
         repeats = len(cases[0].contexts)
         lora = stack_loras(loras, repeats) if loras is not None else None
         embedding = torch.stack(embeddings).repeat_interleave(repeats, 0) if embeddings is not None else None
         return sample(self.world.backbone, self.prompts(cases, form), lora=lora, unet_modules=self.unet_targets.modules,
                       text_modules=self.text_targets.modules, mode=mode, cfg_text=self.cfg_text, cfg_subject=cfg_subject,
-                      steps=self.sample_steps, resolution=self.resolution, seed=seed, token_embedding=embedding, placeholder=self.placeholder)
+                      steps=self.sample_steps, resolution=self.resolution, seed=seed, token_embedding=embedding, placeholder=self.placeholder,
+                      dual_alpha=dual_alpha)
 
     def score(self, cases: list[Case], images: torch.Tensor, against: list[Subject] | None = None) -> tuple[list[float], list[float]]:
         """Per-subject (subject fidelity, prompt fidelity), each averaged over the subject's prompts."""

@@ -99,6 +99,11 @@ def claims(results: dict) -> list[str]:
         if name in scores:
             lines.append(f"**{name}**: subject fidelity {s(name):.3f} vs {s(HYPER):.3f} for the main recipe ({describe_diff(scores, name, HYPER)}); "
                          f"prompt fidelity {s(name, 'prompt'):.3f} ({describe_diff(scores, name, HYPER, 'prompt')}).")
+        dual = f"{name} + dual path a={plan.get('dual_alpha', 0.5):g}"
+        if dual in scores:
+            lines.append(f"**{dual}** (every attention output {plan.get('dual_alpha', 0.5):g} adapted + the rest vanilla, the word as its nearest "
+                         f"real word): subject fidelity {s(dual):.3f} vs {s(name):.3f} without ({describe_diff(scores, dual, name)}); prompt fidelity "
+                         f"{s(dual, 'prompt'):.3f} vs {s(name, 'prompt'):.3f} ({describe_diff(scores, dual, name, 'prompt')}).")
     for steps in plan["scratch_steps"]:
         name = f"LoRA from scratch {steps}"
         lines.append(f"**{name}** (rank {plan['finetune_rank']}, lr {plan['finetune_lr']:g}): subject fidelity {s(name):.3f} vs base {s(BASE):.3f} "
