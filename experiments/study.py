@@ -65,6 +65,8 @@ class Plan:
     preopt_batch: int = 2  # images per step: each subject has only 4, and 8 (the recipe's batch) costs 4x the time
     nn_weight: float = 0.1
     dual_alpha: float = 0.5  # dual-path blending's adapted share, for the word-embedding variants
+    tuning_steps: int = 12  # the tuning encoder's few-step tuning of embedding + LoRA (hypernet.tuning defaults)
+    tuning_lr: float = 1e-3
     variants: tuple = ("no_l2", "weight_space", "embedding", "embedding_nn")
     reader_images: int = 1024
     eval_every: int = 200
@@ -73,7 +75,7 @@ class Plan:
     def quick(cls) -> "Plan":
         return cls(train_subjects=8, images_per_subject=2, hypernet_steps=6, eval_subjects=3, eval_contexts=2, seeds=(0,), sample_steps=3,
                    cfg_subject_sweep=(1.0,), hyper_finetune_steps=2, scratch_steps=(2, 4), preopt_subjects=3, preopt_steps=2,
-                   reader_images=16, eval_every=3)
+                   reader_images=16, eval_every=3, tuning_steps=2)
 
 
 VARIANTS = {  # name in the tables -> TrainConfig overrides on top of the main recipe
@@ -193,6 +195,8 @@ def run_methods(plan: Plan, evaluator: Evaluator, cases, train_cases, hypernets:
             record(name, generate(loras, "lora", embeddings=embeddings))
             if embeddings is not None:  # the tuning encoder's sampling: dual-path blending with the nearest real word
                 record(f"{name} + dual path a={plan.dual_alpha:g}", generate(loras, "dual", embeddings=embeddings))
+                tuned_loras, tuned_embeddings = evaluator.tune(cases, loras, embeddings, plan.tuning_steps, plan.tuning_lr, plan.nn_weight)
+                record(f"{name} + tuning {plan.tuning_steps}", generate(tuned_loras, "lora", embeddings=tuned_embeddings))
     with timer("finetunes"):
         tuned = evaluator.finetune(cases, predicted, plan.hyper_finetune_steps, plan.finetune_rank, plan.finetune_lr, seed=0)
         record(f"hypernet + finetune {plan.hyper_finetune_steps}", generate(tuned, "lora"))

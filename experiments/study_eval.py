@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hypernet import FinetuneConfig, LoraWeights, NoiseSchedule, locate_targets, rank_relaxed_finetune
+from hypernet import FinetuneConfig, LoraWeights, NoiseSchedule, TuningConfig, locate_targets, rank_relaxed_finetune, tune_subject
 from training.backbone import load_backbone
+from training.objective import TokenEmbeddingOverride, real_word_ids
 from training.image_encoder import load_image_encoder
 from training.sampling import sample
 from training.synthetic import Context, Subject, SyntheticWorld
@@ -176,6 +177,34 @@ class Evaluator:
         config = FinetuneConfig(steps=steps, rank=rank, learning_rate=learning_rate, seed=seed)
         tuned = rank_relaxed_finetune(self.modules, stacked, latents, denoiser, self.schedule, config).lora
         return [tuned.select(i) for i in range(len(cases))]
+
+    def tune(self, cases: list[Case], loras: list[LoraWeights], embeddings: list[torch.Tensor], steps: int, learning_rate: float,
+             nn_weight: float) -> tuple[list[LoraWeights], list[torch.Tensor]]:
+        """The tuning encoder's few-step tuning (hypernet.tuning) of each subject's predicted LoRA and word embedding on
+        its reference image, all subjects in one batch; the prompt is re-encoded with the embedding every step."""
+        backbone = self.world.backbone
+        references = torch.cat([case.reference for case in cases])
+        latents = backbone.encode_images(references.permute(0, 3, 1, 2) * 2 - 1).unsqueeze(1)
+        tokenizer = backbone.tokenizer
+        prompt = SyntheticWorld.caption(REFERENCE_CONTEXT, self.placeholder)
+        ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        placeholder_id = tokenizer(self.placeholder, add_special_tokens=False).input_ids[0]
+        override = TokenEmbeddingOverride(backbone.text_encoder.get_input_embeddings(), placeholder_id)
+        vocabulary = backbone.text_encoder.get_input_embeddings().weight.detach()[real_word_ids(backbone, placeholder_id)]
+
+        def denoiser(x_t, t, vectors):
+            handle = override.attach(vectors)
+            try:
+                context = backbone.text_encoder(ids.expand(x_t.shape[0], -1))[0]
+            finally:
+                handle.remove()
+            return backbone.unet(x_t, t, context).sample
+
+        stacked = LoraWeights({n: torch.stack([l.down[n] for l in loras]) for n in loras[0].names},
+                              {n: torch.stack([l.up[n] for l in loras]) for n in loras[0].names})
+        config = TuningConfig(steps=steps, learning_rate=learning_rate, nn_weight=nn_weight)
+        result = tune_subject(self.modules, stacked, torch.stack(embeddings), vocabulary, latents, denoiser, self.schedule, config)
+        return [result.lora.select(i) for i in range(len(cases))], list(result.embeddings)
 
     def zero_lora(self) -> LoraWeights:
         layers = self.unet_targets.layers + self.text_targets.layers

@@ -104,6 +104,11 @@ def claims(results: dict) -> list[str]:
             lines.append(f"**{dual}** (every attention output {plan.get('dual_alpha', 0.5):g} adapted + the rest vanilla, the word as its nearest "
                          f"real word): subject fidelity {s(dual):.3f} vs {s(name):.3f} without ({describe_diff(scores, dual, name)}); prompt fidelity "
                          f"{s(dual, 'prompt'):.3f} vs {s(name, 'prompt'):.3f} ({describe_diff(scores, dual, name, 'prompt')}).")
+        tuned = f"{name} + tuning {plan.get('tuning_steps', 12)}"
+        if tuned in scores:
+            lines.append(f"**{tuned}** (embedding and LoRA tuned together on the reference, lr {plan.get('tuning_lr', 1e-3):g}, "
+                         f"nearest-word pull {plan['nn_weight']:g}): subject fidelity {s(tuned):.3f} vs {s(name):.3f} untuned "
+                         f"({describe_diff(scores, tuned, name)}); prompt fidelity {s(tuned, 'prompt'):.3f} ({describe_diff(scores, tuned, name, 'prompt')}).")
     for steps in plan["scratch_steps"]:
         name = f"LoRA from scratch {steps}"
         lines.append(f"**{name}** (rank {plan['finetune_rank']}, lr {plan['finetune_lr']:g}): subject fidelity {s(name):.3f} vs base {s(BASE):.3f} "

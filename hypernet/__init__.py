@@ -3,7 +3,8 @@
 Modules, one concept each: ``targets`` (which layers), ``lidb`` (lightweight LoRA bases), ``lora``
 (factor containers, exact combination), ``runtime`` (hooks / merges), ``hypernetwork`` (the model),
 ``files`` (safetensors formats), ``subject`` (a subject LoRA and its prediction), ``guidance`` (HM-CFG),
-``schedule`` (DDPM noise), ``losses``, ``finetune`` (rank-relaxed finetune loop).
+``schedule`` (DDPM noise), ``losses``, ``finetune`` (rank-relaxed finetune loop), ``tuning`` (the tuning
+encoder's few-step tuning), ``dual_path`` (dual-path blending), ``words`` (the placeholder's nearest real word).
 """
 
 from .errors import FeatureError, FileFormatError, HyperNetError, TargetMismatchError
@@ -25,5 +26,6 @@ from .runtime import attach_lora, lora_applied, merge_lora
 from .schedule import NoiseSchedule
 from .subject import SubjectLora, predict_subject_lora
 from .targets import BoundTargets, TargetLayer, locate_targets, targets_hash
+from .tuning import TuningConfig, TuningResult, tune_subject
 
 __all__ = [name for name in dir() if not name.startswith("_")]
