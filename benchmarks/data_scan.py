@@ -60,7 +60,7 @@ def main() -> None:
             base = rng.integers(0, 256, (args.size // 16, args.size // 16, 3), dtype=np.uint8)  # smooth-ish content, photo-like JPEG size
             Image.fromarray(base).resize((args.size, args.size), Image.BICUBIC).save(photos / f"{index:04d}.jpg", quality=90)
         synthetic = write_synthetic_dataset(Path(scratch) / "synthetic", 200, 4, size=64, seed=0)
-        print(f"| folder | images | decode-at-scan (s) | verify-only (s) | per image, decode (ms) | one draw (ms) |")
+        print("| folder | images | decode-at-scan (s) | verify-only (s) | per image, decode (ms) | one draw (ms) |")
         print("|---|---|---|---|---|---|")
         for name, root in ((f"{args.images} JPEGs {args.size} px", photos), ("demo synthetic, 800 PNGs 64 px", synthetic)):
             dataset = SubjectFolderDataset(root, 64)

@@ -4,7 +4,8 @@
 
 The full SDXL base architecture (shipped configs) runs forward on PyTorch's meta device, in bf16, with the
 hypernetwork (width 512, depth 2, 4 rounds, LiDB defaults, float32, fed 257 x 1024 ViT-L features) predicting a
-per-sample LoRA that is hooked onto all 736 target layers (UNet and both text encoders), as a training step does. A saved-tensor hook adds up what autograd keeps for backward (each storage once, parameters
+per-sample LoRA that is hooked onto all 736 target layers (UNet and both text encoders), as a training step does. A saved-tensor hook adds up what autograd keeps for backward
+(each storage once, parameters
 excluded). Attention is modelled as a fused (flash / memory-efficient) kernel, which keeps q, k, v, the output and
 a float32 log-sum-exp per row -- what PyTorch's SDPA keeps on a GPU -- not the N x N matrix. With gradient
 checkpointing (diffusers' own, one checkpoint per res/transformer block) only the block inputs stay; backward then

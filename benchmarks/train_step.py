@@ -72,7 +72,8 @@ def build(args):
     pixels = (torch.rand(args.batch_size, 3, size, size, generator=generator) * 2 - 1).to(device)
     references = torch.rand(args.batch_size, size, size, 3, generator=generator)
     captions = ["a photo of a sks toy on a red background"] * args.batch_size
-    return config, backbone, encoder, unet_targets, text_targets, schedule, pixels, references, captions, device, dtype, Batch, HypernetObjective, HyperNetwork, HyperNetConfig, LidbConfig
+    return (config, backbone, encoder, unet_targets, text_targets, schedule, pixels, references, captions, device, dtype,
+            Batch, HypernetObjective, HyperNetwork, HyperNetConfig, LidbConfig)
 
 
 def run_variant(args) -> dict:

@@ -22,10 +22,48 @@ from .guidance import hm_cfg, hm_cfg_two, subject_term_active
 from .hypernetwork import FeatureSpec, HyperNetConfig, HyperNetOutput, HyperNetwork
 from .lidb import LidbBasis, LidbConfig
 from .lora import LoraWeights, combine_exact
-from .runtime import attach_lora, lora_applied, merge_lora
+from .runtime import attach_lora, merge_lora
 from .schedule import NoiseSchedule
 from .subject import SubjectLora, predict_subject_lora
 from .targets import BoundTargets, TargetLayer, locate_targets, targets_hash
 from .tuning import TuningConfig, TuningResult, tune_subject
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "FeatureError",
+    "FileFormatError",
+    "HyperNetError",
+    "TargetMismatchError",
+    "HyperNetInfo",
+    "expand_compact_subject_lora",
+    "load_compact_subject_lora",
+    "load_hypernet",
+    "load_subject_lora",
+    "read_hypernet_info",
+    "save_hypernet",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "rank_relaxed_finetune",
+    "hm_cfg",
+    "hm_cfg_two",
+    "subject_term_active",
+    "FeatureSpec",
+    "HyperNetConfig",
+    "HyperNetOutput",
+    "HyperNetwork",
+    "LidbBasis",
+    "LidbConfig",
+    "LoraWeights",
+    "combine_exact",
+    "attach_lora",
+    "merge_lora",
+    "NoiseSchedule",
+    "SubjectLora",
+    "predict_subject_lora",
+    "BoundTargets",
+    "TargetLayer",
+    "locate_targets",
+    "targets_hash",
+    "TuningConfig",
+    "TuningResult",
+    "tune_subject",
+]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import hashlib
 import json
 import os
 import re
@@ -219,14 +218,6 @@ def _claim(source: Path, path: Path) -> None:
 def write_safetensors_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike) -> Path:
     """A safetensors file written atomically (never half-written under its final name)."""
     return atomic_write(path, lambda temporary: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary, metadata=metadata))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_format(metadata: dict[str, str], expected: str, what: str, path: Path, keys: Sequence[str]) -> None:

@@ -221,7 +221,7 @@ class HyperNetwork(nn.Module):
         chunks = torch.split(flat, self.param_sizes, dim=-1)
         return [torch.stack([chunks[i] for i in indices], dim=1) for _, _, indices in self.weight_embed.groups]
 
-    def _join_groups(self, grouped: list[torch.Tensor], batch: int) -> torch.Tensor:
+    def _join_groups(self, grouped: list[torch.Tensor]) -> torch.Tensor:
         chunks: list[torch.Tensor | None] = [None] * len(self.layers)
         for (_, _, indices), tensor in zip(self.heads.groups, grouped):
             for position, index in enumerate(indices):
@@ -252,7 +252,7 @@ class HyperNetwork(nn.Module):
             hidden = self.decoder(tokens, memory)
             if extra is not None:
                 hidden, extra = hidden[:, : len(self.layers)], hidden[:, len(self.layers) :]
-            theta = theta + self._join_groups(self.heads.forward_groups(self._gather_tokens(hidden)), batch)
+            theta = theta + self._join_groups(self.heads.forward_groups(self._gather_tokens(hidden)))
         flat = theta + self.offset
         chunks = torch.split(flat, self.param_sizes, dim=-1)
         params = {layer.name: chunk for layer, chunk in zip(self.layers, chunks)}

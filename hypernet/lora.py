@@ -53,9 +53,6 @@ class LoraWeights:
         """The LoRA of one batch element."""
         return LoraWeights({n: d[index] for n, d in self.down.items()}, {n: u[index] for n, u in self.up.items()})
 
-    def scaled(self, factor: float) -> "LoraWeights":
-        return LoraWeights(dict(self.down), {n: u * factor for n, u in self.up.items()})
-
     def to(self, *args, **kwargs) -> "LoraWeights":
         return LoraWeights({n: d.to(*args, **kwargs) for n, d in self.down.items()}, {n: u.to(*args, **kwargs) for n, u in self.up.items()})
 
@@ -64,9 +61,6 @@ class LoraWeights:
 
     def detach(self) -> "LoraWeights":
         return LoraWeights({n: d.detach() for n, d in self.down.items()}, {n: u.detach() for n, u in self.up.items()})
-
-    def num_parameters(self) -> int:
-        return sum(d.numel() + self.up[n].numel() for n, d in self.down.items())
 
     def check_against(self, layers: Sequence[TargetLayer]) -> None:
         """Raise if these factors don't fit the given target layers (names and shapes)."""

@@ -9,8 +9,7 @@ into the factors, so a hypernetwork can be trained through a frozen backbone.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -79,15 +78,6 @@ def attach_lora(
         for name in lora.names
     ]
     return LoraHandle(handles)
-
-
-@contextmanager
-def lora_applied(modules: Mapping[str, nn.Linear], lora: LoraWeights, strength: float | torch.Tensor = 1.0) -> Iterator[None]:
-    handle = attach_lora(modules, lora, strength)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 class MergeHandle:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 from torch import nn
 
@@ -315,11 +315,3 @@ def family_of_layers(layers: Sequence[TargetLayer]) -> str:
         return f"unknown (cross-attention context width {context})" if context else "unknown"
     return family
 
-
-def split_by_component(layers: Sequence[TargetLayer]) -> Mapping[str, list[TargetLayer]]:
-    """Group a target list by kohya component prefix ('lora_unet', 'lora_te', 'lora_te1', ...)."""
-    groups: dict[str, list[TargetLayer]] = {}
-    for layer in layers:
-        key = layer.name.split("_text_model_")[0] if "_text_model_" in layer.name else "lora_unet"
-        groups.setdefault(key, []).append(layer)
-    return groups

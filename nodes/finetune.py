@@ -108,7 +108,9 @@ class RankRelaxedFinetune:
             layers=source.layers if source is not None else _layers_of(merged),
             lora=merged,
             base_arch=source.base_arch if source is not None else model_family(model)[0],  # tuned on this model
-            provenance={**(source.provenance if source is not None else {}), "finetune": {"steps": steps, "rank": rank, "learning_rate": learning_rate, "seed": seed, "final_loss": result.losses[-1] if result.losses else None}},
+            provenance={**(source.provenance if source is not None else {}),
+                        "finetune": {"steps": steps, "rank": rank, "learning_rate": learning_rate, "seed": seed,
+                                     "final_loss": result.losses[-1] if result.losses else None}},
             token_embedding=source.token_embedding if source is not None else None,  # the word still means the subject
             placeholder=source.placeholder if source is not None else "sks",
         )

@@ -89,7 +89,8 @@ def _guider_inputs():
         "positive": ("CONDITIONING", {"tooltip": "The prompt, encoded with the base CLIP."}),
         "negative": ("CONDITIONING", {"tooltip": "The negative prompt."}),
         "cfg_text": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip": "Prompt guidance on the base model (like KSampler's cfg)."}),
-        "cfg_subject": ("FLOAT", {"default": 2.0, "min": -10.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip": "How strongly the subject model pulls away from the base model. 0 = base model only."}),
+        "cfg_subject": ("FLOAT", {"default": 2.0, "min": -10.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "How strongly the subject model pulls away from the base model. 0 = base model only."}),
         "subject_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the schedule where the subject term starts."}),
         "subject_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of the schedule where the subject term ends."}),
     }
@@ -158,7 +159,8 @@ class HMCFGKSampler:
         latent = latent_image.copy()
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
-        sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name, scheduler=scheduler, denoise=denoise, model_options=model.model_options).sigmas
+        sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name, scheduler=scheduler, denoise=denoise,
+                                         model_options=model.model_options).sigmas
         callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
         result = guider.sample(
             noise, samples, comfy.samplers.sampler_object(sampler_name), sigmas,

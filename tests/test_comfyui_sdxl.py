@@ -9,7 +9,6 @@ process (loading its 2.2 GB dominates), widgets shrunk for the CPU as in test_co
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

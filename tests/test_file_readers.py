@@ -7,7 +7,6 @@ and "PK" (the first bytes of a pickle and of a zip).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

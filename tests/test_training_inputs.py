@@ -148,7 +148,8 @@ def keys_file(path, keys) -> str:
 
 @pytest.mark.parametrize("keys, message", [
     ([UNET + "label_emb.0.0.weight", UNET + "input_blocks.0.0.weight", CLIP_L_SDXL],
-     r"is an SDXL checkpoint with CLIP-L only; both text encoders are needed \(CLIP-L at conditioner.embedders.0.transformer.\*, OpenCLIP bigG at conditioner.embedders.1.model.\*\)"),
+     r"is an SDXL checkpoint with CLIP-L only; both text encoders are needed "
+     r"\(CLIP-L at conditioner.embedders.0.transformer.\*, OpenCLIP bigG at conditioner.embedders.1.model.\*\)"),
     ([UNET + "label_emb.0.0.weight", UNET + "input_blocks.0.0.weight", BIG_G_SDXL], "is an SDXL checkpoint with OpenCLIP bigG only; both text encoders are needed"),
     ([UNET + "label_emb.0.0.weight", UNET + "input_blocks.0.0.weight", "conditioner.embedders.0.model.token_embedding.weight"],
      "is an SDXL refiner checkpoint .*refiners are not supported: supported are SD1.5-family and SDXL-family"),

@@ -23,7 +23,8 @@ def _opt(default: Any, help: str, choices: Sequence[str] | None = None):
 @dataclass
 class TrainConfig:
     # -- inputs
-    backbone: str = _opt("tiny", "Frozen backbone: a diffusers folder or single-file .safetensors checkpoint of the SD1.5 or SDXL family, or a preset ('tiny', 'tiny-sdxl', 'toy').")
+    backbone: str = _opt("tiny", "Frozen backbone: a diffusers folder or single-file .safetensors checkpoint of the SD1.5 or SDXL family, "
+                                 "or a preset ('tiny', 'tiny-sdxl', 'toy').")
     image_encoder: str = _opt("tiny", "Frozen image encoder: a transformers CLIP vision folder, a ComfyUI models/clip_vision .safetensors, or 'tiny'.")
     data: str = _opt("synthetic", "Folder of subject images (one subject per image or per sub-folder), or 'synthetic'.")
     synthetic_subjects: int = _opt(64, "Number of synthetic subjects when data is 'synthetic'.")

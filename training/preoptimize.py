@@ -19,7 +19,6 @@ from torch import nn
 from hypernet import LidbBasis, LidbConfig, NoiseSchedule, locate_targets
 from hypernet.files import save_compact_subject_lora
 from hypernet.hypernetwork import HyperNetOutput
-from hypernet.lora import LoraWeights
 
 from .checkpoint import step_generator
 from .config import load_config

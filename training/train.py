@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from hypernet import FeatureSpec, HyperNetConfig, HyperNetwork, LidbConfig, NoiseSchedule, locate_targets, save_hypernet
+from hypernet import HyperNetConfig, HyperNetwork, LidbConfig, NoiseSchedule, locate_targets, save_hypernet
 from hypernet.files import load_compact_subject_lora
 from hypernet.subject import predict_subject_lora
 from hypernet.targets import describe_mismatch, targets_hash
@@ -167,7 +167,8 @@ def _run(config: TrainConfig, interrupts: Interrupts) -> TrainResult:
                 progress.update(1)
                 progress.set_postfix(loss=f"{totals['loss']:.4f}", reg=f"{totals['reg']:.3g}", img_s=f"{throughput:.1f}")
                 if step % config.log_every == 0 or step == config.max_steps:
-                    write_metrics(metrics_path, {"step": step, **{k: round(v, 7) for k, v in totals.items()}, "lr": scheduler.get_last_lr()[0], "images_per_s": round(throughput, 3)})
+                    write_metrics(metrics_path, {"step": step, **{k: round(v, 7) for k, v in totals.items()}, "lr": scheduler.get_last_lr()[0],
+                                                 "images_per_s": round(throughput, 3)})
                     if board is not None:
                         for key, value in {**totals, "images_per_s": throughput}.items():
                             board.add_scalar(f"train/{key}", value, step)
@@ -180,7 +181,8 @@ def _run(config: TrainConfig, interrupts: Interrupts) -> TrainResult:
                 if validator is not None and config.eval_every and step % config.eval_every == 0:
                     run_validation(validator, accelerator.unwrap_model(hypernet), step, metrics_path, board, output_dir)
                 if config.sample_every and step % config.sample_every == 0:
-                    write_sample_grid(output_dir / "samples" / f"step_{step:06d}.png", accelerator.unwrap_model(hypernet), backbone, encoder, preview, unet_targets, text_targets, config)
+                    write_sample_grid(output_dir / "samples" / f"step_{step:06d}.png", accelerator.unwrap_model(hypernet), backbone, encoder, preview,
+                                      unet_targets, text_targets, config)
         if validator is not None and completed == config.max_steps and not (config.eval_every and completed % config.eval_every == 0):
             run_validation(validator, accelerator.unwrap_model(hypernet), completed, metrics_path, board, output_dir)  # the final scores
     except (KeyboardInterrupt, DataError) as stop:
@@ -217,7 +219,8 @@ def _run(config: TrainConfig, interrupts: Interrupts) -> TrainResult:
     subject_path = subject.save(output_dir / "subject_lora.safetensors")
     compact_path = subject.save_compact(output_dir / "subject_lora.compact.safetensors") if subject.can_save_compact else None
     embedding_path = subject.save_embedding(output_dir / "subject_embedding.safetensors") if subject.embedding is not None else None
-    grid_path = write_sample_grid(output_dir / "samples" / "final.png", model, backbone, encoder, preview, unet_targets, text_targets, config) if config.sample_subjects > 0 else None
+    grid_path = (write_sample_grid(output_dir / "samples" / "final.png", model, backbone, encoder, preview, unet_targets, text_targets, config)
+                 if config.sample_subjects > 0 else None)
     print(f"\nexported hypernetwork: {hypernet_path}\nsubject LoRA (kohya):  {subject_path}\n"
           + (f"subject LoRA (compact, {compact_path.stat().st_size} bytes): {compact_path}\n" if compact_path else "")
           + (f"subject word embedding (textual inversion; the word {subject.placeholder!r} in prompts): {embedding_path}\n" if embedding_path else "")
