@@ -29,7 +29,7 @@ import _clock as clock  # noqa: E402
 
 
 def build(args):
-    from hypernet import HyperNetConfig, HyperNetwork, LidbConfig, NoiseSchedule, locate_targets
+    from hypernet import HyperNetConfig, HyperNetwork, LidbConfig, locate_targets
     from training.config import PRESETS, TrainConfig
     from training.image_encoder import load_image_encoder
     from training.backbone import TextConditioning
@@ -66,7 +66,7 @@ def build(args):
         config.text_encoder_targets = False
     unet_targets = locate_targets(backbone.unet)
     text_targets = locate_targets(None, backbone.text_encoders) if backbone.text_encoders else None
-    schedule = NoiseSchedule(backbone.noise_scheduler.alphas_cumprod.float())
+    schedule = backbone.noise_schedule()
     generator = torch.Generator().manual_seed(0)
     size = args.resolution
     pixels = (torch.rand(args.batch_size, 3, size, size, generator=generator) * 2 - 1).to(device)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hypernet import FinetuneConfig, LoraWeights, NoiseSchedule, TuningConfig, locate_targets, rank_relaxed_finetune, tune_subject
+from hypernet import FinetuneConfig, LoraWeights, TuningConfig, rank_relaxed_finetune, tune_subject
 from training.backbone import load_backbone
 from training.objective import TokenEmbeddingOverride, real_word_ids
 from training.image_encoder import load_image_encoder
@@ -104,10 +104,9 @@ class Evaluator:
     def __init__(self, world: World, sample_steps: int, cfg_text: float, resolution: int, placeholder: str = "sks"):
         self.world, self.sample_steps, self.cfg_text, self.resolution, self.placeholder = world, sample_steps, cfg_text, resolution, placeholder
         backbone = world.backbone
-        self.unet_targets = locate_targets(backbone.unet)
-        self.text_targets = locate_targets(None, [backbone.text_encoder])
+        self.unet_targets, self.text_targets = backbone.targets()
         self.modules = {**self.unet_targets.modules, **self.text_targets.modules}
-        self.schedule = NoiseSchedule(backbone.noise_scheduler.alphas_cumprod.float())
+        self.schedule = backbone.noise_schedule()
 
     # ------------------------------------------------------------------ generation and reading
 
@@ -157,16 +156,19 @@ class Evaluator:
                 embeddings.append(out.token_embedding[0])
         return loras, (embeddings or None)
 
+    def _references(self, cases: list[Case]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each subject's reference image as latents ``(S, 1, C, h, w)``, and the token ids of its caption."""
+        backbone = self.world.backbone
+        references = torch.cat([case.reference for case in cases])
+        latents = backbone.encode_images(references.permute(0, 3, 1, 2) * 2 - 1).unsqueeze(1)
+        return latents, backbone.tokenize([SyntheticWorld.caption(REFERENCE_CONTEXT, self.placeholder)])
+
     def finetune(self, cases: list[Case], starts: list[LoraWeights], steps: int, rank: int, learning_rate: float, seed: int) -> list[LoraWeights]:
         """Rank-relaxed finetune (starts = predictions) or LoRA from scratch (starts = zeros) on each subject's
         reference image and its caption, with the product's finetune loop (hypernet.finetune), all subjects in one
         batch (each subject's LoRA sees only its own samples)."""
         backbone = self.world.backbone
-        references = torch.cat([case.reference for case in cases])
-        latents = backbone.encode_images(references.permute(0, 3, 1, 2) * 2 - 1).unsqueeze(1)  # (S, 1, C, h, w)
-        tokenizer = backbone.tokenizer
-        prompt = SyntheticWorld.caption(REFERENCE_CONTEXT, self.placeholder)
-        ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        latents, ids = self._references(cases)
 
         def denoiser(x_t, t):
             context = backbone.text_encoder(ids.expand(x_t.shape[0], -1))[0]  # re-encoded each step: the text-encoder LoRA hooks are live
@@ -183,12 +185,8 @@ class Evaluator:
         """The tuning encoder's few-step tuning (hypernet.tuning) of each subject's predicted LoRA and word embedding on
         its reference image, all subjects in one batch; the prompt is re-encoded with the embedding every step."""
         backbone = self.world.backbone
-        references = torch.cat([case.reference for case in cases])
-        latents = backbone.encode_images(references.permute(0, 3, 1, 2) * 2 - 1).unsqueeze(1)
-        tokenizer = backbone.tokenizer
-        prompt = SyntheticWorld.caption(REFERENCE_CONTEXT, self.placeholder)
-        ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        placeholder_id = tokenizer(self.placeholder, add_special_tokens=False).input_ids[0]
+        latents, ids = self._references(cases)
+        placeholder_id = backbone.tokenizer(self.placeholder, add_special_tokens=False).input_ids[0]
         override = TokenEmbeddingOverride(backbone.text_encoder.get_input_embeddings(), placeholder_id)
         vocabulary = backbone.text_encoder.get_input_embeddings().weight.detach()[real_word_ids(backbone, placeholder_id)]
 
@@ -225,11 +223,9 @@ class Evaluator:
         latents = backbone.encode_images(pixels)
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
         latents = scheduler.add_noise(latents, noise, timesteps[0].reshape(1))
-        tokenizer = backbone.tokenizer
 
         def encode(texts):
-            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-            return backbone.text_encoder(ids)[0]
+            return backbone.text_encoder(backbone.tokenize(texts))[0]
 
         cond, uncond = encode(prompts), encode([""] * len(prompts))
         for t in timesteps:

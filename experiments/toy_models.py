@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.backbone import CONFIG_DIR, _ones_for_norms
+from training.backbone import CONFIG_DIR, ones_for_norms
 from training.image_encoder import clip_normalise
 from training.synthetic import BACKGROUNDS, IDENTITY_ATTRIBUTES, MARKINGS, PATTERNS, POSITIONS, SCALES, SHAPES, COLOURS, Context, Subject, SyntheticWorld
 
@@ -125,7 +125,7 @@ def new_vae(sizes: Sizes):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return _ones_for_norms(AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=sizes.vae_channels, layers_per_block=1,
+    return ones_for_norms(AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=sizes.vae_channels, layers_per_block=1,
                                          down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                                          norm_num_groups=16, sample_size=sizes.resolution))
 
@@ -172,7 +172,7 @@ def train_clip(pool: RenderPool, sizes: Sizes, generator: torch.Generator):
         vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, image_size=sizes.resolution, patch_size=8),
         projection_dim=64,
     )
-    model = _ones_for_norms(CLIPModel(config))
+    model = ones_for_norms(CLIPModel(config))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     schedule = warmup_cosine(optimizer, sizes.clip_steps)
     start = time.time()
@@ -215,7 +215,7 @@ def train_base_unet(pool: RenderPool, latents: torch.Tensor, text_encoder, token
     c = sizes.unet_channels
     # Attention at the 8x8 and 4x4 latent levels only: self-attention over 256 tokens at 16x16 would cost
     # more than the rest of the UNet on a CPU, and the 16x16 level's convolutions place the details.
-    unet = _ones_for_norms(UNet2DConditionModel(
+    unet = ones_for_norms(UNet2DConditionModel(
         sample_size=sizes.resolution // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=c,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=sizes.text_hidden, attention_head_dim=sizes.unet_heads, norm_num_groups=16,

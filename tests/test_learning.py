@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hypernet import HyperNetwork, NoiseSchedule, load_hypernet, locate_targets
+from hypernet import HyperNetwork, load_hypernet, locate_targets
 from training.config import PRESETS, TrainConfig
 from training.inputs import SubjectBatches, open_backbone, open_dataset, open_image_encoder
 from training.objective import Batch, HypernetObjective
@@ -26,7 +26,7 @@ def world_of(config: TrainConfig, out: Path):
     backbone = open_backbone(config, "cpu", torch.float32)
     unet_targets = locate_targets(backbone.unet)
     text_targets = locate_targets(None, [backbone.text_encoder])
-    schedule = NoiseSchedule(backbone.noise_scheduler.alphas_cumprod.float())
+    schedule = backbone.noise_schedule()
     return backbone, unet_targets, text_targets, schedule
 
 

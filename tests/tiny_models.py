@@ -18,7 +18,7 @@ SD15_UNET_CONFIG = dict(
 )
 
 
-def _ones_for_norms(model: nn.Module) -> nn.Module:
+def ones_for_norms(model: nn.Module) -> nn.Module:
     # Zero norm weights would make the network output constant and hide bugs.
     for module in model.modules():
         if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and module.weight is not None:
@@ -42,7 +42,7 @@ def tiny_unet(seed: int = 0, cross_attention_dim: int = 32):
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    return _ones_for_norms(unet).eval().requires_grad_(False)
+    return ones_for_norms(unet).eval().requires_grad_(False)
 
 
 def tiny_sdxl_unet(seed: int = 0):
@@ -66,7 +66,7 @@ def tiny_sdxl_unet(seed: int = 0):
         projection_class_embeddings_input_dim=8 * 6 + 32,
         use_linear_projection=True,
     )
-    return _ones_for_norms(unet).eval().requires_grad_(False)
+    return ones_for_norms(unet).eval().requires_grad_(False)
 
 
 def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, layers: int = 2):
@@ -77,7 +77,7 @@ def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, layers: int = 2):
         vocab_size=1000, hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=layers,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden_size, bos_token_id=0, eos_token_id=2, pad_token_id=1,
     )
-    return _ones_for_norms(CLIPTextModel(config)).eval().requires_grad_(False)
+    return ones_for_norms(CLIPTextModel(config)).eval().requires_grad_(False)
 
 
 def unet_inputs(unet, batch: int = 2, seed: int = 1):

@@ -96,7 +96,20 @@ class Backbone:
         """In kohya order (``lora_te`` / ``lora_te1``, ``lora_te2``); empty where a benchmark left them out."""
         return [encoder for encoder in (self.text_encoder, self.text_encoder_2) if encoder is not None]
 
-    def tokenize(self, prompts: list[str], device, tokenizer=None) -> torch.Tensor:
+    def targets(self, text_encoders: bool = True):
+        """The LoRA target layers: (UNet targets, text-encoder targets or None), as the hypernetwork's layer list orders them."""
+        from hypernet import locate_targets
+
+        return locate_targets(self.unet), (locate_targets(None, self.text_encoders) if text_encoders and self.text_encoders else None)
+
+    def noise_schedule(self):
+        """The training noise schedule (DDPM alphas-cumprod) as the core's :class:`hypernet.NoiseSchedule`."""
+        from hypernet import NoiseSchedule
+
+        return NoiseSchedule(self.noise_scheduler.alphas_cumprod.float())
+
+    def tokenize(self, prompts: list[str], device="cpu", tokenizer=None) -> torch.Tensor:
+        """Token ids padded to the tokenizer's length (77), as the text encoders read them."""
         tokenizer = tokenizer or self.tokenizer
         return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
 
@@ -150,7 +163,7 @@ class Backbone:
         return self.vae.decode(raw).sample
 
 
-def _ones_for_norms(model: nn.Module) -> nn.Module:
+def ones_for_norms(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and module.weight is not None:
             nn.init.ones_(module.weight)
@@ -212,7 +225,7 @@ def tiny_backbone(seed: int = 0) -> Backbone:
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32), layers_per_block=1,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, sample_size=64)
     for model in (unet, text_encoder, vae):
-        _ones_for_norms(model)
+        ones_for_norms(model)
     return Backbone(unet, text_encoder, _tokenizer(), vae, _scheduler(), "sd15-tiny", SD15_SCALING, "tiny", native_resolution=64)
 
 
@@ -273,7 +286,7 @@ def tiny_sdxl_backbone(seed: int = 0) -> Backbone:
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32), layers_per_block=1,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, sample_size=64)
     for model in (unet, text_encoder, text_encoder_2, vae):
-        _ones_for_norms(model)
+        ones_for_norms(model)
     return Backbone(unet, text_encoder, _tokenizer(), vae, _scheduler(SDXL_CONFIG_DIR), "sdxl-tiny", SDXL_SCALING, "tiny-sdxl",
                     text_encoder_2=text_encoder_2, tokenizer_2=_tokenizer("!"), native_resolution=64)
 

@@ -80,8 +80,7 @@ class HypernetObjective:
         self.vocabulary_ids = real_word_ids(backbone, self.placeholder_id) if config.token_embedding and config.nn_weight > 0 else None
 
     def tokenize(self, captions: list[str], device) -> torch.Tensor:
-        tokenizer = self.backbone.tokenizer
-        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
+        return self.backbone.tokenize(captions, device)
 
     @contextmanager
     def step(self, hypernet: HyperNetwork, batch: Batch, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:

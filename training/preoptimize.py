@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hypernet import LidbBasis, LidbConfig, NoiseSchedule, locate_targets
+from hypernet import LidbBasis, LidbConfig
 from hypernet.files import save_compact_subject_lora
 from hypernet.hypernetwork import HyperNetOutput
 
@@ -62,11 +62,10 @@ def main(argv=None) -> None:
     dataset = open_dataset(config, Path(config.output_dir))
     backbone = open_backbone(config, "cpu" if not torch.cuda.is_available() else "cuda", torch.float32)
     device = next(backbone.unet.parameters()).device
-    unet_targets = locate_targets(backbone.unet)
-    text_targets = locate_targets(None, backbone.text_encoders) if config.text_encoder_targets else None
+    unet_targets, text_targets = backbone.targets(config.text_encoder_targets)
     layers = unet_targets.layers + (text_targets.layers if text_targets is not None else [])
     basis = LidbBasis(layers, LidbConfig(config.lidb_rank, config.lidb_a, config.lidb_b, config.lidb_seed, False)).to(device)
-    objective = HypernetObjective(backbone, unet_targets, text_targets, config, NoiseSchedule(backbone.noise_scheduler.alphas_cumprod.float()))
+    objective = HypernetObjective(backbone, unet_targets, text_targets, config, backbone.noise_schedule())
     for subject_index, subject in enumerate(dataset.subjects):
         torch.manual_seed(config.seed + subject_index)
         model = FixedSubject(basis).to(device)

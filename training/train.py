@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from hypernet import HyperNetConfig, HyperNetwork, LidbConfig, NoiseSchedule, locate_targets, save_hypernet
+from hypernet import HyperNetConfig, HyperNetwork, LidbConfig, save_hypernet
 from hypernet.files import load_compact_subject_lora
 from hypernet.subject import predict_subject_lora
 from hypernet.targets import describe_mismatch, targets_hash
@@ -92,8 +92,7 @@ def _run(config: TrainConfig, interrupts: Interrupts) -> TrainResult:
               "with photographs; docs/study.md measures how much of a subject's identity the predicted LoRA carries there.", flush=True)
 
     # -- model
-    unet_targets = locate_targets(backbone.unet)
-    text_targets = locate_targets(None, backbone.text_encoders) if config.text_encoder_targets else None
+    unet_targets, text_targets = backbone.targets(config.text_encoder_targets)
     layers = unet_targets.layers + (text_targets.layers if text_targets is not None else [])
     feature_spec = encoder.feature_spec(config.hidden_state)
     hyper_config = HyperNetConfig(
@@ -122,7 +121,7 @@ def _run(config: TrainConfig, interrupts: Interrupts) -> TrainResult:
         start_step = state["step"]
         log.info("resumed from step %d", start_step)
     hypernet, optimizer, scheduler = accelerator.prepare(hypernet, optimizer, scheduler)
-    schedule = NoiseSchedule(backbone.noise_scheduler.alphas_cumprod.float())
+    schedule = backbone.noise_schedule()
     objective = HypernetObjective(backbone, unet_targets, text_targets, config, schedule, preopt=load_preopt(config, layers))
     cache = None
     if config.cache_latents or config.cache_features:
