@@ -26,10 +26,14 @@ class HMCFGGuider(comfy.samplers.CFGGuider):
     unless another node already wraps the model function (the two cannot both wrap it), then comfy_hooks.
     """
 
-    def set_subject(self, lora_model: dict, strength: float, implementation: str) -> None:
+    def __init__(self, model_patcher, lora_model: dict, strength: float, implementation: str):
+        super().__init__(model_patcher)
         if implementation == "auto":
             implementation = "comfy_hooks" if self.model_options.get("model_function_wrapper") is not None else "batched"
         self.lora_model, self.strength, self.implementation = lora_model, strength, implementation
+        self.cfg_subject, self.sigma_start, self.sigma_end = 0.0, float("inf"), 0.0  # set_cfg sets the real ones
+        self._unet_lora = None  # batched: the LoRA's diffusion-model part and its modules, bound at the first gated call
+        self._unet_modules: dict = {}
 
     def set_conds(self, positive, negative, subject_positive):
         if self.implementation == "comfy_hooks":
@@ -54,7 +58,7 @@ class HMCFGGuider(comfy.samplers.CFGGuider):
         gate = x.new_tensor([float(self.strength if index == 2 else 0.0) for index in chunks]).repeat_interleave(per_chunk)
         if not bool(gate.any()):
             return apply_model(x, args["timestep"], **args["c"])
-        if getattr(self, "_unet_lora", None) is None:
+        if self._unet_lora is None:
             targets = model_targets(self.model_patcher)
             lora = lora_weights_from_lora_model(self.lora_model)
             self._unet_modules = targets.modules
@@ -107,8 +111,7 @@ def make_guider(model, subject_lora, positive, negative, cfg_text, cfg_subject, 
     if subject_start > subject_end:
         raise ValueError(f"subject_start ({subject_start}) must not be after subject_end ({subject_end})")
     check_lora_fits(subject_lora, model)
-    guider = HMCFGGuider(model)
-    guider.set_subject(subject_lora, strength, implementation)
+    guider = HMCFGGuider(model, subject_lora, strength, implementation)
     guider.set_conds(positive, negative, subject_positive if subject_positive is not None else positive)
     guider.set_cfg(cfg_text, cfg_subject, subject_start, subject_end)
     return guider

@@ -249,6 +249,30 @@ hm["auto_chooses"] = {"plain model": guider_module.make_guider(model, lora, pos,
 hm["auto_on_wrapped_model"] = float((run(guider_module.make_guider(wrapped, lora, pos, neg, 5.0, 2.0, 0.0, 1.0, subject_positive=subj)) - expected).abs().max())
 result["hmcfg"] = hm
 
+# Rank-Relaxed Finetune never changes the MODEL it was given (nor another branch using it): the same prediction, bit
+# for bit, after a finetune that completes, one cancelled midway (ComfyUI's interrupt) and one that raises (NaN image)
+finetune_node = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_RankRelaxedFinetune"]()
+before_finetune = plain(model, pos, neg)
+untouched = {}
+finetune_node.finetune(model, lora, image, vae, subj, 3, 4, 1e-3, 0)
+untouched["completed"] = float((plain(model, pos, neg) - before_finetune).abs().max())
+comfy.model_management.interrupt_current_processing(True)
+try:
+    finetune_node.finetune(model, lora, image, vae, subj, 5, 4, 1e-3, 0)
+    untouched["cancel_raised"] = False
+except comfy.model_management.InterruptProcessingException:
+    untouched["cancel_raised"] = True
+finally:
+    comfy.model_management.interrupt_current_processing(False)
+untouched["cancelled"] = float((plain(model, pos, neg) - before_finetune).abs().max())
+try:
+    finetune_node.finetune(model, lora, image * float("nan"), vae, subj, 3, 4, 1e-3, 0)
+    untouched["error"] = "no error"
+except Exception as error:
+    untouched["error"] = str(error)
+untouched["raised"] = float((plain(model, pos, neg) - before_finetune).abs().max())
+result["finetune_untouched"] = untouched
+
 # the training package's single-file backbone computes what ComfyUI computes for the same checkpoint
 from training.backbone import load_backbone
 backbone = load_backbone(folder_paths.get_full_path("checkpoints", "v1-5-pruned-emaonly.safetensors"))
@@ -414,6 +438,14 @@ def test_subject_tuning_moves_the_embedding_and_the_unet_lora_only(comfy_run):
     print("subject tuning:", tuning)
     assert tuning["embedding_moved"] > 1e-4 and tuning["unet_moved"] > 1e-6 and tuning["text_kept"] == 0.0
     assert tuning["word"] == "sks" and "does not contain the subject's word 'sks'" in tuning["missing_word"]
+
+
+def test_finetune_leaves_the_input_model_bit_identical_when_it_completes_is_cancelled_or_raises(comfy_run):
+    assert "code_error" not in comfy_run["report"], comfy_run["report"].get("code_error")
+    untouched = comfy_run["report"]["code_result"]["finetune_untouched"]
+    print("finetune and the input MODEL:", untouched)
+    assert untouched["cancel_raised"] and "NaN" in untouched["error"]
+    assert untouched["completed"] == untouched["cancelled"] == untouched["raised"] == 0.0
 
 
 def test_two_saves_at_once_get_two_names_and_whole_files(comfy_run):

@@ -1,0 +1,75 @@
+"""Where identity is lost in the toy world: per-attribute subject fidelity of the base model told the identity in words
+(the described ceiling) at several guidance scales, beside the base model with the rare token, a study hypernetwork's
+LoRA and the ground-truth renders' VAE round trips, on the study's held-out subjects and prompts.
+
+    python -m experiments.ceiling --hypernet runs/study/hypernets/hypernet/hypernet.safetensors --out docs/study_ceiling.json
+
+Per attribute, the share of images whose reading equals the subject's value (chance: 1/8 shape, 1/8 colours,
+1/4 pattern, 1/4 marking): which parts of an identity the model cannot draw even when told, and which the LoRA adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from hypernet import load_hypernet
+from training.synthetic import SyntheticWorld
+from training.toy_reader import IDENTITY
+
+from .study import Plan
+from .study_eval import Evaluator, World, make_cases
+
+
+def per_attribute(evaluator: Evaluator, cases, images: torch.Tensor) -> dict[str, float]:
+    readings = evaluator.world.reader.read(images * 2 - 1)
+    repeats = len(cases[0].contexts)
+    out = {}
+    for attribute in IDENTITY:
+        hits = [readings[i * repeats + j][attribute] == case.subject.labels()[attribute] for i, case in enumerate(cases) for j in range(repeats)]
+        out[attribute] = round(statistics.mean(hits), 3)
+    out["identity"] = round(statistics.mean(out[a] for a in IDENTITY), 3)
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hypernet", required=True, help="a hypernetwork trained by the study (its main recipe)")
+    parser.add_argument("--world", default="toy")
+    parser.add_argument("--cfg", type=float, nargs="*", default=[2.0, 5.0, 8.0, 12.0], help="guidance scales for the described prompts")
+    parser.add_argument("--out", default="docs/study_ceiling.json")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    plan = Plan()
+    world, synthetic = World.load(args.world), SyntheticWorld(0)
+    cases = make_cases(synthetic, synthetic.subjects(plan.eval_subjects, "heldout"), plan.eval_contexts, 64, seed=1234)  # the study's
+    rows: dict[str, dict[str, float]] = {}
+    for cfg in args.cfg:
+        evaluator = Evaluator(world, plan.sample_steps, cfg, 64)
+        rows[f"described, cfg {cfg:g}"] = per_attribute(evaluator, cases, evaluator.generate(cases, None, "base", 0, "described"))
+        print(f"[ceiling] described, cfg {cfg:g}: {rows[f'described, cfg {cfg:g}']}", flush=True)
+    evaluator = Evaluator(world, plan.sample_steps, plan.cfg_text, 64)
+    rows[f"base model (sks), cfg {plan.cfg_text:g}"] = per_attribute(evaluator, cases, evaluator.generate(cases, None, "base", 0))
+    hypernet, info = load_hypernet(args.hypernet)
+    loras, _ = evaluator.predict(hypernet, cases, info.config.features.hidden_state)
+    rows[f"hypernet, cfg {plan.cfg_text:g}"] = per_attribute(evaluator, cases, evaluator.generate(cases, loras, "lora", 0))
+    references = torch.cat([c.reference for c in cases]).permute(0, 3, 1, 2) * 2 - 1
+    with torch.no_grad():
+        round_trips = world.backbone.decode_latents(world.backbone.encode_images(references)).float().clamp(-1, 1)
+    one_view = [type(c)(c.subject, c.reference, c.contexts[:1]) for c in cases]
+    rows["references, VAE round trip"] = per_attribute(evaluator, one_view, (round_trips + 1) / 2)
+    for name, row in rows.items():
+        print(f"| {name} | " + " | ".join(f"{row[a]:.2f}" for a in [*IDENTITY, "identity"]) + " |")
+    Path(args.out).write_text(json.dumps({"subjects": len(cases), "prompts_per_subject": plan.eval_contexts, "seed": 0,
+                                          "sample_steps": plan.sample_steps, "rows": rows}, indent=1) + "\n")
+    print(f"[ceiling] wrote {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
