@@ -14,6 +14,7 @@ from PIL import Image
 
 from comfyui_support.browser import Browser, chromium_path, load_workflow, open_comfyui, show_whole_graph
 from comfyui_support.harness import ComfyServer
+from comfyui_support.pytest_fixtures import comfyui_required
 from comfyui_support.workflow_format import UI_ONLY_TYPES, strip_meta
 from conftest import prepare_work_dir
 from hypernet.files import COMFYUI_HYPERNET_NAME
@@ -103,8 +104,17 @@ def overlapping(nodes: list[dict]) -> list[tuple[str, str]]:
     return [(a["title"], b["title"]) for a, b in itertools.combinations(nodes, 2) if overlap(a["rect"], b["rect"])]
 
 
-@pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (.ci/run installs it)")
-def test_ui_workflows_open_readable_in_the_real_front_end(server):
+@pytest.fixture
+def chromium():
+    """The browser tests need Debian's Chromium; under CI (or COMFYUI_TESTS_REQUIRED) its absence fails, never skips."""
+    if chromium_path() is None:
+        reason = "needs Debian's chromium and chromedriver (.ci/run installs them)"
+        if comfyui_required():
+            pytest.fail(reason + ": under CI a missing browser is a failure, not a skip")
+        pytest.skip(reason)
+
+
+def test_ui_workflows_open_readable_in_the_real_front_end(server, chromium):
     """Each shipped UI workflow in ComfyUI's front end: no missing nodes, the same graph as its API twin, the stored
     view at a zoom where text is drawn, no node on top of another, every note's text in its box. Screenshots
     (as opened, and the whole graph) go to .cache/artifacts/workflows/."""
@@ -151,8 +161,7 @@ def test_ui_workflows_open_readable_in_the_real_front_end(server):
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 10_000
 
 
-@pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (.ci/run installs it)")
-def test_a_run_from_the_front_end_shows_the_image_and_the_hypernetwork_info_without_overlaps(server):
+def test_a_run_from_the_front_end_shows_the_image_and_the_hypernetwork_info_without_overlaps(server, chromium):
     """Queue a shipped workflow as a user does (widgets shrunk for the CPU): the saved image appears in Save Image,
     Load HyperNet's info in HyperNet info, and the grown nodes still overlap nothing."""
     name = HMCFG
@@ -187,8 +196,7 @@ def test_a_run_from_the_front_end_shows_the_image_and_the_hypernetwork_info_with
     print(f"screenshot after a run: {ARTIFACTS / f'{name} (after a run).png'}")
 
 
-@pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (.ci/run installs it)")
-def test_template_browser_shows_each_workflow_by_title_with_its_thumbnail(server):
+def test_template_browser_shows_each_workflow_by_title_with_its_thumbnail(server, chromium):
     """The front end's own template browser, opened on this pack: one card per workflow, titled by its file name,
     its thumbnail loaded."""
     with Browser(chromium_path()) as browser:

