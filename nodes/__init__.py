@@ -6,7 +6,6 @@ from .loaders import LoadCompactSubjectLora, LoadSubjectHyperNet
 from .lora_nodes import ApplySubjectLora, SaveSubjectLora
 from .predict import PredictSubjectLora
 from .prompt import SubjectPromptEncode
-from .tuning import SubjectTuning
 from .sampling import HMCFGGuiderNode, HMCFGKSampler
 
 register_model_folders()
@@ -22,7 +21,6 @@ NODE_CLASS_MAPPINGS = {
     "SubjectHyperNet_LoadCompactSubjectLora": LoadCompactSubjectLora,
     "SubjectHyperNet_ApplySubjectLora": ApplySubjectLora,
     "SubjectHyperNet_SubjectPromptEncode": SubjectPromptEncode,
-    "SubjectHyperNet_SubjectTuning": SubjectTuning,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -35,5 +33,4 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SubjectHyperNet_LoadCompactSubjectLora": "Load Subject LoRA (compact)",
     "SubjectHyperNet_ApplySubjectLora": "Apply Subject LoRA",
     "SubjectHyperNet_SubjectPromptEncode": "Subject Prompt Encode",
-    "SubjectHyperNet_SubjectTuning": "Subject Tuning (embedding + LoRA)",
 }

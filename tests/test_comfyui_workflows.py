@@ -323,20 +323,6 @@ result["subject_prompt"] = {"subject": float((subject_cond[0][0].float() - ours_
                             "bundled_in_lora": float((bundled.reshape(-1) - vector).abs().max()),
                             "saved": [os.path.relpath(f, folder_paths.models_dir) for f in saved_files], "nearest": backbone.tokenizer.convert_ids_to_tokens(nearest)}
 
-# Subject Tuning: a few steps move the embedding and the UNet part of the LoRA; the text-encoder part stays predicted
-tuned_model, tuned = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_SubjectTuning"]().tune(model, clip_s, with_word, image, vae, "a photo of a sks toy", 3, 1e-2, 0.1, 0)
-before, after = lora.subject.lora, tuned.subject.lora
-unet_names = [n for n in before.names if n.startswith("lora_unet_")]
-text_names = [n for n in before.names if not n.startswith("lora_unet_")]
-try:
-    core.NODE_CLASS_MAPPINGS["SubjectHyperNet_SubjectTuning"]().tune(model, clip_s, with_word, image, vae, "a photo of a toy", 3, 1e-2, 0.1, 0)
-    missing_word = "no error"
-except Exception as error:
-    missing_word = str(error)
-result["tuning"] = {"embedding_moved": float((tuned.subject.token_embedding - vector).abs().max()),
-                    "unet_moved": max(float((after.delta(n) - before.delta(n)).abs().max()) for n in unet_names),
-                    "text_kept": max(float((after.delta(n) - before.delta(n)).abs().max()) for n in text_names),
-                    "word": tuned.subject.placeholder, "missing_word": missing_word}
 
 # Save Subject LoRA: two saves at once (two queues, two tabs) must get two names, each file whole
 import os, threading
@@ -430,14 +416,6 @@ def test_subject_prompt_encode_equals_the_trainers_encoding_and_the_saved_embedd
     assert parity["bundled_in_lora"] == 0.0  # ComfyUI's embedding loader reads the vector bundled in the LoRA file
     assert sorted(parity["saved"]) == sorted(["loras/embedded/subject_00001.safetensors", "subject_loras/embedded/subject_00001.compact.safetensors",
                                               "embeddings/embedded/subject_00001.safetensors"])
-
-
-def test_subject_tuning_moves_the_embedding_and_the_unet_lora_only(comfy_run):
-    assert "code_error" not in comfy_run["report"], comfy_run["report"].get("code_error")
-    tuning = comfy_run["report"]["code_result"]["tuning"]
-    print("subject tuning:", tuning)
-    assert tuning["embedding_moved"] > 1e-4 and tuning["unet_moved"] > 1e-6 and tuning["text_kept"] == 0.0
-    assert tuning["word"] == "sks" and "does not contain the subject's word 'sks'" in tuning["missing_word"]
 
 
 def test_finetune_leaves_the_input_model_bit_identical_when_it_completes_is_cancelled_or_raises(comfy_run):
