@@ -101,7 +101,7 @@ def comfy_models(tmp_path_factory, comfy_model_files, trained_hypernet, subject_
         (root / folder).mkdir()
         (root / folder / WORKFLOW_FILES[folder]).symlink_to(source)
         folders[folder] = [root / folder]
-    for folder in ("loras", "subject_loras"):
+    for folder in ("loras", "subject_loras", "embeddings"):  # what the nodes write goes to the test's folders, never ComfyUI's own
         (root / folder).mkdir()
         folders[folder] = [root / folder]
     folders["__input__"] = [subject_image]
