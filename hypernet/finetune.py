@@ -72,7 +72,20 @@ def fresh_lora(modules: Mapping[str, nn.Linear], names: list[str], rank: int, ge
     return LoraWeights(down, up)
 
 
-def _per_sample(lora: LoraWeights, repeats: int) -> LoraWeights:
+def noisy_batch(latents: torch.Tensor, per_subject: int, schedule: NoiseSchedule, generator: torch.Generator,
+                min_timestep: int = 0, max_timestep: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training step's samples from ``latents`` ``(S, N, C, H, W)``: ``per_subject`` images of each subject
+    (subject-major), their noise and timesteps, all on the latents' device."""
+    count, device = latents.shape[0], latents.device
+    index = torch.randint(latents.shape[1], (count, per_subject), generator=generator)
+    x0 = latents[torch.arange(count).unsqueeze(1), index.to(device)].flatten(0, 1)
+    noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
+    high = schedule.num_timesteps if max_timestep is None else min(max_timestep, schedule.num_timesteps)
+    timesteps = torch.randint(min_timestep, high, (count * per_subject,), generator=generator).to(device)
+    return x0, noise, timesteps
+
+
+def per_sample(lora: LoraWeights, repeats: int) -> LoraWeights:
     """Each subject's factors repeated for its ``repeats`` samples in the step's batch (autograd flows back)."""
     if repeats == 1:
         return lora
@@ -113,20 +126,17 @@ def rank_relaxed_finetune(
     if subjects is None:  # shared factors fit any batch: hook them once
         handles = [attach_lora(modules, fixed), attach_lora(modules, learned)]
     else:
-        handles = [attach_lora(modules, _per_sample(fixed, per_subject))]
+        handles = [attach_lora(modules, per_sample(fixed, per_subject))]
     losses: list[float] = []
     try:
         for step in range(config.steps):
-            index = torch.randint(latents.shape[1], (count, per_subject), generator=generator)
-            x0 = latents[torch.arange(count).unsqueeze(1), index].flatten(0, 1).to(device)
-            noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
-            timesteps = torch.randint(config.min_timestep, min(config.max_timestep, schedule.num_timesteps), (count * per_subject,), generator=generator)
-            x_t = schedule.add_noise(x0, noise, timesteps.to(device))
+            x0, noise, timesteps = noisy_batch(latents, per_subject, schedule, generator, config.min_timestep, config.max_timestep)
+            x_t = schedule.add_noise(x0, noise, timesteps)
             if subjects is None:
-                prediction = denoiser(x_t, timesteps.to(device))
+                prediction = denoiser(x_t, timesteps)
             else:
-                with attach_lora(modules, _per_sample(learned, per_subject)):
-                    prediction = denoiser(x_t, timesteps.to(device))
+                with attach_lora(modules, per_sample(learned, per_subject)):
+                    prediction = denoiser(x_t, timesteps)
             per_subject_loss = denoising_loss(prediction, noise).view(count, per_subject).mean(1)
             loss = per_subject_loss.sum()
             if not torch.isfinite(loss):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import HyperNetError
+from .finetune import noisy_batch, per_sample
 from .losses import denoising_loss
 from .lora import LoraWeights
 from .runtime import attach_lora
@@ -94,13 +95,8 @@ def tune_subject(
     vocabulary = vocabulary.detach().to(device)
     losses: list[float] = []
     for step in range(config.steps):
-        index = torch.randint(latents.shape[1], (count, per_subject), generator=generator)
-        x0 = latents[torch.arange(count).unsqueeze(1), index].flatten(0, 1).to(device)
-        noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
-        timesteps = torch.randint(0, schedule.num_timesteps, (count * per_subject,), generator=generator).to(device)
-        per_sample = LoraWeights({n: d.repeat_interleave(per_subject, 0) for n, d in lora.down.items()},
-                                 {n: u.repeat_interleave(per_subject, 0) for n, u in lora.up.items()})
-        with attach_lora(modules, per_sample):
+        x0, noise, timesteps = noisy_batch(latents, per_subject, schedule, generator)
+        with attach_lora(modules, per_sample(lora, per_subject)):
             prediction = denoiser(schedule.add_noise(x0, noise, timesteps), timesteps, vectors.repeat_interleave(per_subject, 0))
         denoise = denoising_loss(prediction, noise).view(count, per_subject).mean(1)
         loss = (denoise + config.nn_weight * nearest_word_pull(vectors, vocabulary)).sum()
