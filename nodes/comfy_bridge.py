@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,7 +14,7 @@ import comfy.model_management
 import comfy.sd
 import folder_paths
 
-from ..hypernet import FeatureError, SubjectLora, TargetMismatchError, locate_targets
+from ..hypernet import FeatureError, HyperNetInfo, HyperNetwork, SubjectLora, TargetMismatchError, locate_targets
 from ..hypernet.files import kohya_to_lora, lora_to_kohya
 from ..hypernet.lora import LoraWeights
 from ..hypernet.targets import BoundTargets, TargetLayer, base_family, describe_mismatch, family_name, family_of_layers, unet_naming_for
@@ -109,11 +111,20 @@ def _made_for(base_arch: str | None, layers) -> str:
     return base_arch if base_arch and base_arch != "unknown" else family_of_layers(layers)
 
 
-def check_hypernet_fits(hypernet, model, clip) -> None:
+@dataclass(frozen=True)
+class LoadedHyperNet:
+    """What Load HyperNet passes on (SUBJECT_HYPERNET): the module, what its file says, and a lock held while a
+    prediction moves the module to the compute device and back, so two predictions never move it under each other."""
+
+    module: HyperNetwork
+    info: HyperNetInfo
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+
+def check_hypernet_fits(hypernet: LoadedHyperNet, model, clip) -> None:
     """Refuse a hypernetwork made for another base model, naming both and the first difference."""
-    wanted = hypernet.layers
-    info = getattr(hypernet, "info", None)
-    _refuse_other_family(_made_for(info.base_arch if info is not None else None, wanted), "hypernetwork", model)
+    wanted = hypernet.module.layers
+    _refuse_other_family(_made_for(hypernet.info.base_arch, wanted), "hypernetwork", model)
     needs_text = any("_text_model_" in layer.name for layer in wanted)
     if needs_text and clip is None:
         raise TargetMismatchError(

@@ -7,7 +7,7 @@ import folder_paths
 from ..hypernet import load_hypernet
 from ..hypernet.files import COMFYUI_HYPERNET_NAME, MAKE_A_HYPERNET, load_compact_subject_lora, load_subject_embedding
 from ..hypernet.subject import SubjectLora
-from .comfy_bridge import CATEGORY, HYPERNET_FOLDER, SUBJECT_LORA_FOLDER, lora_model_from_subject
+from .comfy_bridge import CATEGORY, HYPERNET_FOLDER, SUBJECT_LORA_FOLDER, LoadedHyperNet, lora_model_from_subject
 
 
 class LoadSubjectHyperNet:
@@ -32,9 +32,8 @@ class LoadSubjectHyperNet:
         problem = missing_hypernet(hypernet_name)
         if problem:
             raise FileNotFoundError(problem)
-        hypernet, info = load_hypernet(folder_paths.get_full_path_or_raise(HYPERNET_FOLDER, hypernet_name))
-        hypernet.info = info
-        return {"ui": {"text": [info.summary()]}, "result": (hypernet, info.summary())}
+        module, info = load_hypernet(folder_paths.get_full_path_or_raise(HYPERNET_FOLDER, hypernet_name))
+        return {"ui": {"text": [info.summary()]}, "result": (LoadedHyperNet(module, info), info.summary())}
 
 
 def missing_hypernet(name: str | None) -> str | None:

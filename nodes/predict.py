@@ -42,12 +42,13 @@ class PredictSubjectLora:
 
     def predict(self, hypernet, clip_vision, image, model, strength_model, clip=None, strength_clip=1.0):
         check_hypernet_fits(hypernet, model, clip)
-        features = clip_vision_features(clip_vision, image, hypernet.config.features.hidden_state)
-        hypernet.to(comfy.model_management.get_torch_device())
-        try:
-            subject = predict_subject_lora(hypernet, features, getattr(hypernet, "info", None))
-        finally:  # back to the offload device also when the prediction fails
-            hypernet.to(comfy.model_management.unet_offload_device())
+        features = clip_vision_features(clip_vision, image, hypernet.module.config.features.hidden_state)
+        with hypernet.lock:
+            hypernet.module.to(comfy.model_management.get_torch_device())
+            try:
+                subject = predict_subject_lora(hypernet.module, features, hypernet.info)
+            finally:  # back to the offload device also when the prediction fails
+                hypernet.module.to(comfy.model_management.unet_offload_device())
         lora_model = lora_model_from_subject(subject)
         new_model, new_clip = apply_lora_model(model, clip, lora_model, strength_model, strength_clip if clip is not None else 0.0)
         return (new_model, new_clip if clip is not None else None, lora_model)

@@ -163,6 +163,11 @@ def test_finetune_shows_progress(comfy_run):
     assert [v for v, total in comfy_run["results"][FINETUNE]["progress"] if total == 3] == [1, 2, 3]
 
 
+def test_normal_runs_keep_the_console_free_of_unloaded_lora_keys(comfy_run):
+    # e.g. the finetune without a CLIP input once printed one 'lora key not loaded' line per text-encoder layer
+    assert "lora key not loaded" not in comfy_run["report"]["log"]
+
+
 def test_personalised_differs_from_base_and_strength_zero_is_base(comfy_run):
     personal, = images_of(comfy_run, KSAMPLER)
     base, = images_of(comfy_run, "plain")
