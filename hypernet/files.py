@@ -298,6 +298,7 @@ class HyperNetInfo:
             f"{self.path.name}: base {self.base_arch}, {len(self.layers)} layers ({', '.join(components)}), "
             f"{self.config.output} rank {self.config.rank}; expects {features.hidden_state} "
             f"({features.tokens}x{features.dim}) from {features.encoder or 'a CLIP vision model'}"
+            + ("; also predicts a word embedding (for Subject Prompt Encode, Subject Tuning)" if self.config.token_embedding_dim else "")
         )
 
 

@@ -7,6 +7,7 @@ from .lora_nodes import ApplySubjectLora, SaveSubjectLora
 from .predict import PredictSubjectLora
 from .prompt import SubjectPromptEncode
 from .sampling import HMCFGGuiderNode, HMCFGKSampler
+from .tuning import SubjectTuning
 
 register_model_folders()
 
@@ -21,6 +22,7 @@ NODE_CLASS_MAPPINGS = {
     "SubjectHyperNet_LoadCompactSubjectLora": LoadCompactSubjectLora,
     "SubjectHyperNet_ApplySubjectLora": ApplySubjectLora,
     "SubjectHyperNet_SubjectPromptEncode": SubjectPromptEncode,
+    "SubjectHyperNet_SubjectTuning": SubjectTuning,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -33,4 +35,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SubjectHyperNet_LoadCompactSubjectLora": "Load Subject LoRA (compact)",
     "SubjectHyperNet_ApplySubjectLora": "Apply Subject LoRA",
     "SubjectHyperNet_SubjectPromptEncode": "Subject Prompt Encode",
+    "SubjectHyperNet_SubjectTuning": "Subject Tuning (embedding + LoRA)",
 }

@@ -57,6 +57,7 @@ STAGES = {
 # HyperNet info (what the hypernetwork was trained for) sits under Predict Subject LoRA, which checks it.
 KSAMPLER, HMCFG, GUIDER, FINETUNE, SAVE_LORA = ("Personalise with KSampler", "Personalise with HM-CFG", "Personalise with the HM-CFG guider",
                                                 "Personalise, finetune, then HM-CFG", "Save a subject LoRA")
+TUNE = "Personalise, tune, then HM-CFG"  # SD1.5 only: needs a hypernetwork trained with --token-embedding
 REFERENCE = [[3, 2, 1], [4]]
 LAYOUTS = {
     KSAMPLER: {"reference": REFERENCE, "subject": [[5, 20]], "sampling": [[6, 7, 8], [9]], "output": [[10], [11]]},
@@ -64,14 +65,17 @@ LAYOUTS = {
     GUIDER: {"reference": REFERENCE, "subject": [[5, 20]], "sampling": [[21, 7, 9], [6, 8], [10, 13, 14, 15], [16]], "output": [[11], [12]]},
     FINETUNE: {"reference": REFERENCE, "subject": [[5, 20], [13], [14]], "sampling": [[21, 7, 9], [6, 8], [10]], "output": [[11, 15], [12]]},
     SAVE_LORA: {"reference": REFERENCE, "subject": [[5, 20]], "output": [[6], [22]]},
+    TUNE: {"reference": REFERENCE, "subject": [[5, 20], [14]], "sampling": [[21, 7, 9], [8], [10]], "output": [[11, 15], [12]]},
 }
-SDXL_PREFIX = "SDXL - "  # the same five graphs for SDXL: 1024 px, SDXL checkpoint and hypernetwork
+SDXL_PREFIX = "SDXL - "  # the same graphs but TUNE for SDXL: 1024 px, SDXL checkpoint and hypernetwork
 SUMMARIES = {
     KSAMPLER: "The hypernetwork turns one photo into a LoRA for the checkpoint; a core KSampler draws with it.",
     HMCFG: "The hypernetwork turns one photo into a LoRA; HM-CFG keeps the base model's composition and adds the subject.",
     GUIDER: f"As *{HMCFG}*, with HM-CFG as a GUIDER for the core SamplerCustomAdvanced.",
     FINETUNE: "The predicted LoRA is finetuned on the photo (Rank-Relaxed Finetune), then HM-CFG draws with it.",
     SAVE_LORA: "The hypernetwork turns one photo into a LoRA, saved as files the core Load LoRA node reads.",
+    TUNE: ("The hypernetwork predicts a LoRA and a word embedding for `sks`; both are tuned on the photo for 12 steps "
+           "(Subject Tuning), then HM-CFG draws with them. Needs a hypernetwork trained with `--token-embedding true`."),
 }
 
 REFERENCE_NOTE = """## {title}
@@ -97,9 +101,18 @@ FINETUNE_NOTE = """*Predict Subject LoRA* turns the photo into LoRA weights (no 
 
 **Change:** *Training prompt* (`a photo of a sks <class>`), `steps`, `seed`."""
 
+TUNING_NOTE = """*Predict Subject LoRA* turns the photo into LoRA weights and a word embedding for `sks` (no training); *Subject Tuning* then tunes both together for `steps` on the photo, the embedding kept near a real word. *HyperNet info* shows, after a run, what the hypernetwork was trained for (it must say it also predicts a word embedding).
+
+**Change:** `text` of *Subject Tuning* (`a photo of sks <class>`), `steps`, `learning_rate`, `seed`."""
+
 PROMPT_TIP = "Call the subject `sks <class>`, e.g. *a photo of a sks dog*: `sks` is the word the hypernetwork was trained with (`--placeholder`)."
 
+# The first of these a workflow has sets its sampling note (Subject Prompt Encode feeds an HM-CFG KSampler).
 SAMPLING_NOTES = {
+    "SubjectHyperNet_SubjectPromptEncode": f"""Type the prompt once in *Prompt*. {PROMPT_TIP}
+*Subject Prompt Encode* reads `sks` as the tuned word embedding (subject conditioning, through the subject CLIP) and as its nearest real word (base conditioning); *HM-CFG KSampler* adds the subject term from the tuned LoRA.
+
+**Change:** *Prompt*, *Negative prompt*, `cfg_text` (like cfg), `cfg_subject` (0 = base model only), `seed`, `steps`, image size.""",
     "KSampler": f"""A core KSampler on the personalised model. {PROMPT_TIP}
 
 **Change:** *Prompt (subject CLIP)*, *Negative prompt*, `seed`, `steps`, `cfg`, image size.""",
@@ -123,6 +136,9 @@ OUTPUT_NOTES = {
     "both": """The image is saved to `ComfyUI/output/subject_hypernet/`; *Save Subject LoRA* writes the finetuned LoRA to `models/loras/` (core *Load LoRA* reads it).
 
 **Change:** `filename_prefix`.""",
+    "both_tuned": """The image is saved to `ComfyUI/output/subject_hypernet/`; *Save Subject LoRA* writes the tuned LoRA to `models/loras/` (core *Load LoRA* reads it) and its word embedding to `models/embeddings/` (`embedding:<name>` in core text nodes).
+
+**Change:** `filename_prefix`.""",
 }
 
 
@@ -133,13 +149,14 @@ def notes_for(name: str, api: dict) -> dict[str, str]:
         title=name, summary=SUMMARIES[name.removeprefix(SDXL_PREFIX)], family="SDXL" if sdxl else "SD1.5",
         sdxl_training="; `--preset sdxl --backbone` your SDXL checkpoint" if sdxl else "", hypernet=widget_of(api, "SubjectHyperNet_LoadHyperNet", "hypernet_name"),
         clip_vision=widget_of(api, "CLIPVisionLoader", "clip_name"), checkpoint=widget_of(api, "CheckpointLoaderSimple", "ckpt_name"))
+    tuned = "SubjectHyperNet_SubjectTuning" in types
     notes = {"reference": reference,
-             "subject": FINETUNE_NOTE if "SubjectHyperNet_RankRelaxedFinetune" in types else SUBJECT_NOTE}
+             "subject": FINETUNE_NOTE if "SubjectHyperNet_RankRelaxedFinetune" in types else TUNING_NOTE if tuned else SUBJECT_NOTE}
     sampler = next((t for t in SAMPLING_NOTES if t in types), None)
     if sampler:
         notes["sampling"] = SAMPLING_NOTES[sampler]
     saves_image, saves_lora = "SaveImage" in types, "SubjectHyperNet_SaveSubjectLora" in types
-    notes["output"] = OUTPUT_NOTES["both" if saves_image and saves_lora else "image" if saves_image else "lora"]
+    notes["output"] = OUTPUT_NOTES[("both_tuned" if tuned else "both") if saves_image and saves_lora else "image" if saves_image else "lora"]
     return notes
 
 

@@ -28,7 +28,7 @@ from get_comfyui import ensure_comfyui  # noqa: E402
 
 SIDE = 512  # pixels; the template browser shows thumbnails about 240 pixels square
 # The node a thumbnail centres on: the first of these a workflow has.
-MAIN_NODES = ["SubjectHyperNet_RankRelaxedFinetune", "SubjectHyperNet_HMCFGGuider", "SubjectHyperNet_HMCFGKSampler", "KSampler",
+MAIN_NODES = ["SubjectHyperNet_RankRelaxedFinetune", "SubjectHyperNet_SubjectTuning", "SubjectHyperNet_HMCFGGuider", "SubjectHyperNet_HMCFGKSampler", "KSampler",
               "SubjectHyperNet_SaveSubjectLora"]
 QUALITY = 80
 GRAPH_AREA = (70, 130, 1500, 640)  # where the graph is drawn in the 1600x1000 window: clear of the side and top bars

@@ -40,14 +40,15 @@ def comfy_model_files(comfyui_root) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def trained_hypernet(comfy_model_files, tmp_path_factory) -> Path:
-    """A hypernetwork trained by `python -m training.train` on the fixture checkpoint and CLIP vision files."""
+    """A hypernetwork trained by `python -m training.train` on the fixture checkpoint and CLIP vision files, with the
+    tuning encoder's word embedding (`--token-embedding true`), which Subject Prompt Encode and Subject Tuning need."""
     out = tmp_path_factory.mktemp("trained_hypernet")
     command = [
         sys.executable, "-m", "training.train", "--backbone", str(comfy_model_files["checkpoint"]),
         "--image-encoder", str(comfy_model_files["clip_vision"]), "--data", "synthetic", "--synthetic-subjects", "4",
         "--synthetic-images-per-subject", "2", "--resolution", "64", "--width", "64", "--depth", "1", "--heads", "4",
         "--iterations", "2", "--lidb-a", "16", "--lidb-b", "16", "--batch-size", "2", "--max-steps", "4",
-        "--learning-rate", "3e-3", "--sample-subjects", "0", "--output-dir", str(out),
+        "--learning-rate", "3e-3", "--sample-subjects", "0", "--token-embedding", "true", "--output-dir", str(out),
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-4000:]

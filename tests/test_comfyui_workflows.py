@@ -1,8 +1,8 @@
 """The shipped workflows, and the nodes' contracts, executed by ComfyUI's own validator and executor.
 
 All graphs of this file run in one ComfyUI process (start-up and model loading dominate on a CPU).
-Widget values are shrunk for the CPU (64 px, 2 sampling steps, 3 finetune steps); the graphs are the
-shipped ones.
+Widget values are shrunk for the CPU (64 px, 2 sampling steps, 3 finetune steps, 4 tuning steps); the graphs are
+the shipped ones.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ ALL_WORKFLOWS = sorted(p.stem for p in API_DIR.glob("*.json"))
 WORKFLOWS = [name for name in ALL_WORKFLOWS if not name.lower().startswith("sdxl")]  # SD1.5; test_comfyui_sdxl.py runs the SDXL ones
 # The file names are the titles ComfyUI's template browser shows.
 KSAMPLER, HMCFG, SAVE_LORA, FINETUNE = "Personalise with KSampler", "Personalise with HM-CFG", "Save a subject LoRA", "Personalise, finetune, then HM-CFG"
+TUNE = "Personalise, tune, then HM-CFG"
 INFO_NODE = "20"  # Preview as Text, showing Load HyperNet's info in every workflow
 
 
@@ -43,6 +44,8 @@ def shrink(prompt: dict, prefix: str) -> dict:
             inputs["width"] = inputs["height"] = 64
         if kind == "SubjectHyperNet_RankRelaxedFinetune":
             inputs["steps"] = 3
+        if kind == "SubjectHyperNet_SubjectTuning":
+            inputs["steps"] = 4
         if kind in ("SaveImage", "SubjectHyperNet_SaveSubjectLora"):
             inputs["filename_prefix"] = f"{prefix}/{inputs['filename_prefix'].split('/')[-1]}"
     return prompt
@@ -166,6 +169,13 @@ def test_finetune_shows_progress(comfy_run):
 def test_normal_runs_keep_the_console_free_of_unloaded_lora_keys(comfy_run):
     # e.g. the finetune without a CLIP input once printed one 'lora key not loaded' line per text-encoder layer
     assert "lora key not loaded" not in comfy_run["report"]["log"]
+
+
+def test_subject_tuning_shows_progress_and_its_hypernetwork_says_it_predicts_a_word_embedding(comfy_run):
+    # the tuning runs 4 steps here (sampling runs 2), and reports each one
+    assert [v for v, total in comfy_run["results"][TUNE]["progress"] if total == 4] == [1, 2, 3, 4]
+    info, = comfy_run["results"][TUNE]["outputs"][INFO_NODE]["text"]
+    assert "also predicts a word embedding" in info, info
 
 
 def test_personalised_differs_from_base_and_strength_zero_is_base(comfy_run):
@@ -331,6 +341,106 @@ result["subject_prompt"] = {"subject": float((subject_cond[0][0].float() - ours_
                             "bundled_in_lora": float((bundled.reshape(-1) - vector).abs().max()),
                             "saved": ["/".join(Path(f).parts[-3:]) for f in saved_files], "nearest": backbone.tokenizer.convert_ids_to_tokens(nearest)}
 
+# Subject Tuning. The gradient of the tuning's denoising loss w.r.t. the word embedding, through ComfyUI's own MODEL and
+# CLIP (the node's denoiser), equals the gradient through the trainer's UNet and text encoder on the same checkpoint
+from hypernet.losses import denoising_loss
+from training.objective import real_word_ids
+tuning_nodes = sys.modules[pack + ".nodes.tuning"]
+tuning_text = "a photo of a sks toy on a red background"
+g = torch.Generator().manual_seed(11)
+draw_x0, draw_noise, draw_t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), torch.tensor([100, 700])
+start = lora.subject.embedding.vectors.float()  # the predicted one: the fixture hypernetwork was trained with --token-embedding
+tuning = {}
+
+def embedding_gradient(denoiser, schedule):
+    vectors = start.clone().requires_grad_()
+    loss = denoising_loss(denoiser(schedule.add_noise(draw_x0, draw_noise, draw_t), draw_t, vectors), draw_noise).mean()
+    return torch.autograd.grad(loss, vectors)[0]
+
+with torch.inference_mode(False), torch.enable_grad():
+    work = tuning_nodes.trainable_clone(model, clip)
+    comfy_denoiser, comfy_vocabulary, comfy_schedule = tuning_nodes.word_denoiser(work, clip, tuning_text, "sks", draw_x0)
+    theirs_grad = embedding_gradient(comfy_denoiser, comfy_schedule)
+    trainer_denoiser = lambda x_t, t, v: backbone.unet(x_t, t, trainer_encode(backbone, [tuning_text], "cpu", None, None, v, "sks").context.expand(2, -1, -1)).sample
+    ours_grad = embedding_gradient(trainer_denoiser, backbone.noise_schedule())
+    # the helper is what makes it work: without it, backward through ComfyUI's CLIP refuses
+    vectors, placeholder_id, key = start.clone().requires_grad_(), backbone.tokenizer("sks", add_special_tokens=False).input_ids[0], clip.tokenizer.clip_name
+    tokens = clip.tokenize(tuning_text)
+    tokens = {**tokens, key: [[(vectors[0], *e[1:]) if e[0] == placeholder_id else e for e in chunk] for chunk in tokens[key]]}
+    try:
+        clip.encode_from_tokens(tokens).float().square().sum().backward()
+        tuning["without_helper"] = "no error"
+    except RuntimeError as error:
+        tuning["without_helper"] = str(error)
+ours_vocabulary = backbone.text_encoder.get_input_embeddings().weight.detach()[real_word_ids(backbone, placeholder_id)]
+tuning["gradient"] = {"max_abs_diff": float((theirs_grad - ours_grad).abs().max()), "scale": float(ours_grad.abs().max()),
+                      "vocabulary": float((comfy_vocabulary - ours_vocabulary.float()).abs().max()) if comfy_vocabulary.shape == ours_vocabulary.shape else "shapes differ",
+                      "schedule": float((comfy_schedule.alphas_cumprod - backbone.noise_schedule().alphas_cumprod).abs().max())}
+
+# the node: a few steps move the embedding and the UNet part of the LoRA, the text-encoder part stays predicted;
+# the MODEL, both CLIPs and the subject LoRA given to it stay bit-identical after a run that completes, one cancelled
+# midway (ComfyUI's interrupt, seen at the end of the first of 5 steps) and one that raises (NaN image)
+tuning_node = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_SubjectTuning"]()
+
+def snapshot():
+    with torch.no_grad():
+        return [plain(model, pos, neg), clip.encode_from_tokens(clip.tokenize(tuning_text)).float(), clip_s.encode_from_tokens(clip_s.tokenize(tuning_text)).float(),
+                *lora.subject.lora.down.values(), *lora.subject.lora.up.values(), lora.subject.token_embedding.clone()]
+
+def changed(before):
+    return max(float((a - b).abs().max()) for a, b in zip(snapshot(), before))
+
+before_tuning = snapshot()
+tuned_model, tuned = tuning_node.tune(model, clip_s, lora, image, vae, "a photo of a sks toy", 3, 1e-2, 0.1, 0)
+untouched = {"completed": changed(before_tuning)}
+comfy.model_management.interrupt_current_processing(True)
+try:
+    tuning_node.tune(model, clip_s, lora, image, vae, "a photo of a sks toy", 5, 1e-2, 0.1, 0)
+    untouched["cancel_raised"] = False
+except comfy.model_management.InterruptProcessingException:
+    untouched["cancel_raised"] = True
+finally:
+    comfy.model_management.interrupt_current_processing(False)
+untouched["cancelled"] = changed(before_tuning)
+try:
+    tuning_node.tune(model, clip_s, lora, image * float("nan"), vae, "a photo of a sks toy", 3, 1e-2, 0.1, 0)
+    untouched["error"] = "no error"
+except Exception as error:
+    untouched["error"] = str(error)
+untouched["raised"] = changed(before_tuning)
+try:
+    tuning_node.tune(model, clip_s, lora, image, vae, "a photo of a toy", 3, 1e-2, 0.1, 0)
+    untouched["missing_word"] = "no error"
+except Exception as error:
+    untouched["missing_word"] = str(error)
+before, after = lora.subject.lora, tuned.subject.lora
+tuning["untouched"] = untouched
+tuning["moved"] = {"embedding": float((tuned.subject.token_embedding - lora.subject.token_embedding).abs().max()),
+                   "unet": max(float((after.delta(n) - before.delta(n)).abs().max()) for n in before.names if n.startswith("lora_unet_")),
+                   "text": max(float((after.delta(n) - before.delta(n)).abs().max()) for n in before.names if not n.startswith("lora_unet_")),
+                   "word": tuned.subject.placeholder}
+# ... and it lowers the denoising loss on the reference: the predicted and the tuned (LoRA, embedding) on the draws of
+# noise and timestep the tuning used (its seed), and on fresh ones
+from hypernet.finetune import noisy_batch
+from hypernet.runtime import attach_lora
+with torch.inference_mode(False), torch.no_grad():
+    work = tuning_nodes.trainable_clone(model, clip_s)
+    reference = model.model.process_latent_in(vae.encode(image[..., :3])).float()
+    denoiser, _, schedule = tuning_nodes.word_denoiser(work, clip_s, "a photo of a sks toy", "sks", reference)
+    modules = locate(work.model.diffusion_model).modules
+
+    def reference_loss(subject, seed, draws):
+        generator, total = torch.Generator().manual_seed(seed), 0.0
+        for _ in range(draws):
+            x0_, noise_, t_ = noisy_batch(reference.unsqueeze(0), 1, schedule, generator)
+            with attach_lora(modules, bridge.unet_part(subject.lora, modules)):
+                total += float(denoising_loss(denoiser(schedule.add_noise(x0_, noise_, t_), t_, subject.token_embedding.reshape(1, -1).float()), noise_).mean())
+        return total / draws
+
+    tuning["loss"] = {"predicted_on_its_draws": reference_loss(lora.subject, 0, 3), "tuned_on_its_draws": reference_loss(tuned.subject, 0, 3),
+                      "predicted_fresh": reference_loss(lora.subject, 123, 8), "tuned_fresh": reference_loss(tuned.subject, 123, 8)}
+result["tuning"] = tuning
+
 
 # Save Subject LoRA: two saves at once (two queues, two tabs) must get two names, each file whole
 import os, threading
@@ -442,3 +552,34 @@ def test_two_saves_at_once_get_two_names_and_whole_files(comfy_run):
     saves = comfy_run["report"]["code_result"]["concurrent_saves"]
     assert sorted(name for name, _ in saves.values()) == ["concurrent/subject_00001.safetensors", "concurrent/subject_00002.safetensors"]
     assert {value for _, value in saves.values()} == {1.0, 2.0}  # neither overwrote the other
+
+
+def test_subject_tuning_gradient_reaches_the_word_embedding_through_comfyuis_clip_as_through_the_trainers_encoder(comfy_run):
+    assert "code_error" not in comfy_run["report"], comfy_run["report"].get("code_error")
+    tuning = comfy_run["report"]["code_result"]["tuning"]
+    print("subject tuning, d(denoising loss)/d(word embedding):", tuning["gradient"])
+    gradient = tuning["gradient"]
+    assert gradient["scale"] > 1e-6  # a gradient reaches the embedding at all
+    assert gradient["max_abs_diff"] <= 1e-4 * gradient["scale"], gradient  # and it is the trainer's, to float rounding
+    assert gradient["vocabulary"] == 0.0 and gradient["schedule"] < 1e-5, gradient  # the same real words, the same noise schedule
+    # ComfyUI's CLIP still adds in place: without backward_through_inplace_residuals there is no gradient
+    assert "modified by an inplace operation" in tuning["without_helper"], tuning["without_helper"]
+
+
+def test_subject_tuning_moves_the_embedding_and_the_unet_lora_only_and_lowers_the_loss_on_the_reference(comfy_run):
+    assert "code_error" not in comfy_run["report"], comfy_run["report"].get("code_error")
+    tuning = comfy_run["report"]["code_result"]["tuning"]
+    print("subject tuning:", tuning["moved"], tuning["loss"])
+    moved, loss = tuning["moved"], tuning["loss"]
+    assert moved["embedding"] > 1e-4 and moved["unet"] > 1e-6 and moved["text"] == 0.0 and moved["word"] == "sks", moved
+    assert loss["tuned_on_its_draws"] < loss["predicted_on_its_draws"], loss  # 3 steps, on the noise and timesteps it trained on
+    assert "does not contain the subject's word 'sks'" in tuning["untouched"]["missing_word"]
+
+
+def test_subject_tuning_leaves_its_inputs_bit_identical_when_it_completes_is_cancelled_or_raises(comfy_run):
+    assert "code_error" not in comfy_run["report"], comfy_run["report"].get("code_error")
+    untouched = comfy_run["report"]["code_result"]["tuning"]["untouched"]
+    print("subject tuning and its inputs:", untouched)
+    assert untouched["cancel_raised"] and "NaN" in untouched["error"]
+    # the MODEL's prediction, both CLIPs' encodings and the given subject LoRA (factors and embedding)
+    assert untouched["completed"] == untouched["cancelled"] == untouched["raised"] == 0.0
