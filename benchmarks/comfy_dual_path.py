@@ -6,7 +6,8 @@ GPU is present), side by side in one process, the core KSampler (CFG, 2 predicti
 
 'plain patched model': Predict Subject LoRA's MODEL (the LoRA merged into the weights by ComfyUI). 'alpha 1': the Subject
 Dual-Path MODEL at alpha 1, where no branch runs twice: what the activation-space LoRA alone costs. 'alpha 0.5': every
-attention branch run twice. Interleaved repeats, medians per sampling step (VAE decode not included).
+attention branch run twice. Interleaved repeats; per step, the time between the sampler's step callbacks (the first step of each call,
+which includes loading and weight patching, is not counted), median. Needs --steps >= 2.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from get_comfyui import ensure_comfyui  # noqa: E402
 
 CODE = r"""
 import statistics, time, torch
-import nodes as core, comfy.model_management
+import nodes as core, comfy.model_management, comfy.sample
 cfg = spec["bench"]
 clock = time.process_time if cfg["cpu_clock"] else time.perf_counter  # see benchmarks/_clock.py
 model, clip, vae = core.CheckpointLoaderSimple().load_checkpoint(cfg["ckpt"])[:3]
@@ -38,17 +39,18 @@ model_s, clip_s, lora = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_PredictSubject
 encode = lambda c, text: core.CLIPTextEncode().encode(c, text)[0]
 subject, vanilla, neg = encode(clip_s, "a photo of a sks toy on the beach"), encode(clip, "a photo of a dog toy on the beach"), encode(clip_s, "blurry")
 dual = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_SubjectDualPath"]()
-latent = core.EmptyLatentImage().generate(cfg["resolution"], cfg["resolution"], 1)[0]
-steps, ksampler = cfg["steps"], core.KSampler()
+latent = torch.zeros(1, 4, cfg["resolution"] // 8, cfg["resolution"] // 8)
+noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
 cases = {"plain patched model": model_s, "Subject Dual-Path, alpha 1": dual.patch(model, lora, vanilla, 1.0)[0],
          "Subject Dual-Path, alpha 0.5": dual.patch(model, lora, vanilla, 0.5)[0]}
-run = lambda m, seed: ksampler.sample(m, seed, steps, 7.0, "euler", "normal", subject, neg, latent, 1.0)
-for m in cases.values():
-    run(m, 0)  # warm-up (loads, patches)
 times = {k: [] for k in cases}
 for r in range(cfg["repeats"]):
     for name, m in cases.items():
-        start = clock(); run(m, r + 1); times[name].append((clock() - start) / steps)
+        # the time between the sampler's step callbacks: sampling steps only, without the load and weight patching that
+        # ComfyUI redoes whenever a call switches between Predict's MODEL and the unpatched base model the others share
+        stamps = []
+        comfy.sample.sample(m, noise, cfg["steps"], 7.0, "euler", "normal", subject, neg, latent, callback=lambda *a: stamps.append(clock()), disable_pbar=True)
+        times[name] += [b - a for a, b in zip(stamps, stamps[1:])]
 attention = len(cases["Subject Dual-Path, alpha 0.5"].get_wrappers("diffusion_model", "subject_hypernet_dual_path")[0].attention)
 result = {"per_step_s": {k: statistics.median(v) for k, v in times.items()}, "device": str(comfy.model_management.get_torch_device()), "attention": attention}
 """
@@ -75,7 +77,7 @@ def main() -> None:
     plain = result["per_step_s"]["plain patched model"]
     print(f"ComfyUI 0.3.75, {'full-size SD1.5 UNet' if args.full_sd15 else 'smallest SD1.5-shaped UNet'} (random), {args.resolution} px, "
           f"{result['attention']} attention branches, {args.steps} steps x {args.repeats} repeats, device {result['device']}, "
-          f"{torch.get_num_threads()} threads; {clock.UNIT} per KSampler step (CFG), median")
+          f"{torch.get_num_threads()} threads; {clock.UNIT} per sampling step (CFG), median")
     print("| model | s/step | ratio |")
     print("|---|---|---|")
     for name, value in result["per_step_s"].items():
