@@ -128,6 +128,51 @@ result = {"predict_s": predict_s, "per_step_s": {k: statistics.median(v) for k, 
 """
 
 
+def prepare_models(work: Path, full_sd15: bool = False, full_sdxl: bool = False) -> tuple[dict, dict, int]:
+    """Model folders under ``work`` for a benchmark run in ComfyUI: the checkpoint (the smallest SD1.5-shaped fixture,
+    or a full-size SD1.5/SDXL UNet with random weights, built once into .cache/), the fixture's CLIP vision and a random
+    hypernetwork for it (heads N(0, 0.02), so its LoRA is not zero). Returns (folders, file names, target layers)."""
+    import subprocess
+
+    import torch
+
+    from hypernet import FeatureSpec, HyperNetConfig, HyperNetwork, LidbConfig, locate_targets, save_hypernet
+    from training.backbone import load_backbone
+
+    comfy_root = ensure_comfyui()
+    files = build_model_files(comfy_root, REPO / ".cache")
+    (work / "checkpoints").mkdir()
+    ckpt = files["checkpoint"]
+    if full_sd15:
+        ckpt = REPO / ".cache" / "bench_full_sd15.safetensors"
+        if not ckpt.exists():
+            subprocess.run([sys.executable, "-c", FULL_SD15, str(comfy_root), str(ckpt), str(files["checkpoint"])], check=True)
+    if full_sdxl:
+        ckpt = REPO / ".cache" / "bench_full_sdxl.safetensors"
+        if not ckpt.exists():
+            small = build_sdxl_model_files(comfy_root, REPO / ".cache")["checkpoint"]
+            subprocess.run([sys.executable, "-c", FULL_SDXL, str(comfy_root), str(ckpt), str(small)], check=True)
+    (work / "checkpoints" / ckpt.name).symlink_to(ckpt)
+    if full_sdxl:  # the same names and shapes from the shipped configs, without reading 7 GB into float32
+        from training.backbone import sdxl_target_layers
+
+        layers, arch = sdxl_target_layers(), "sdxl"
+    else:
+        backbone = load_backbone(str(ckpt))
+        layers, arch = locate_targets(backbone.unet, backbone.text_encoders).layers, backbone.arch
+        del backbone
+    torch.manual_seed(0)
+    config = HyperNetConfig(features=FeatureSpec(dim=1024, tokens=257, encoder="ViT-L/14"), width=256, depth=2, heads=8, iterations=4, lidb=LidbConfig())
+    hypernet = HyperNetwork(config, layers)
+    with torch.no_grad():
+        for p in hypernet.heads.weights:
+            p.normal_(0, 0.02)
+    (work / "hypernets").mkdir()
+    save_hypernet(work / "hypernets" / "bench.safetensors", hypernet, base_arch=arch)
+    folders = {"checkpoints": [work / "checkpoints"], "hypernets": [work / "hypernets"], "clip_vision": [files["clip_vision"].parent]}
+    return folders, {"ckpt": ckpt.name, "hypernet": "bench.safetensors", "clip_vision": files["clip_vision"].name}, len(layers)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full-sd15", action="store_true", help="full-size SD1.5 UNet (random weights) instead of the smallest SD1.5-shaped one")
@@ -138,53 +183,15 @@ def main() -> None:
     parser.add_argument("--memory-runs", type=int, default=20, help="repeated HM-CFG runs of each implementation for the memory-growth check")
     parser.add_argument("--json", help="also write the numbers to this JSON file (benchmarks/sd15.py reads it)")
     args = parser.parse_args()
-    import subprocess
-
     import torch
 
-    from hypernet import FeatureSpec, HyperNetConfig, HyperNetwork, LidbConfig, save_hypernet
-    from hypernet.files import read_safetensors  # noqa: F401
-    from training.backbone import load_backbone
-
     comfy_root = ensure_comfyui()
-    files = build_model_files(comfy_root, REPO / ".cache")
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        (work / "checkpoints").mkdir()
-        ckpt = files["checkpoint"]
-        if args.full_sd15:
-            ckpt = REPO / ".cache" / "bench_full_sd15.safetensors"
-            if not ckpt.exists():
-                subprocess.run([sys.executable, "-c", FULL_SD15, str(comfy_root), str(ckpt), str(files["checkpoint"])], check=True)
-        if args.full_sdxl:
-            ckpt = REPO / ".cache" / "bench_full_sdxl.safetensors"
-            if not ckpt.exists():
-                small = build_sdxl_model_files(comfy_root, REPO / ".cache")["checkpoint"]
-                subprocess.run([sys.executable, "-c", FULL_SDXL, str(comfy_root), str(ckpt), str(small)], check=True)
-        (work / "checkpoints" / ckpt.name).symlink_to(ckpt)
-        from hypernet import locate_targets
-
-        if args.full_sdxl:  # the same names and shapes from the shipped configs, without reading 7 GB into float32
-            from training.backbone import sdxl_target_layers
-
-            layers, arch = sdxl_target_layers(), "sdxl"
-        else:
-            backbone = load_backbone(str(ckpt))
-            layers, arch = locate_targets(backbone.unet, backbone.text_encoders).layers, backbone.arch
-            del backbone
-        torch.manual_seed(0)
-        config = HyperNetConfig(features=FeatureSpec(dim=1024, tokens=257, encoder="ViT-L/14"), width=256, depth=2, heads=8, iterations=4, lidb=LidbConfig())
-        hypernet = HyperNetwork(config, layers)
-        with torch.no_grad():
-            for p in hypernet.heads.weights:
-                p.normal_(0, 0.02)
-        (work / "hypernets").mkdir()
-        save_hypernet(work / "hypernets" / "bench.safetensors", hypernet, base_arch=arch)
-        bench = {"ckpt": ckpt.name, "hypernet": "bench.safetensors", "clip_vision": files["clip_vision"].name, "resolution": args.resolution,
-                 "steps": args.steps, "repeats": args.repeats, "memory_runs": args.memory_runs, "cpu_clock": clock.CPU_TIME}
-        code = "spec['bench'] = " + json.dumps(bench) + "\n" + CODE
-        report = run_in_comfyui(comfy_root, work / "run", models={"checkpoints": [work / "checkpoints"], "hypernets": [work / "hypernets"],
-                                                                  "clip_vision": [files["clip_vision"].parent]}, prompts=[], code=code, timeout=7200)
+        models, names, layers = prepare_models(work, args.full_sd15, args.full_sdxl)
+        bench = {**names, "resolution": args.resolution, "steps": args.steps, "repeats": args.repeats, "memory_runs": args.memory_runs, "cpu_clock": clock.CPU_TIME}
+        code = "spec['bench'] = " + repr(bench) + "\n" + CODE
+        report = run_in_comfyui(comfy_root, work / "run", models=models, prompts=[], code=code, timeout=7200)
     if "code_error" in report:
         raise SystemExit(report["code_error"])
     result = report["code_result"]
@@ -195,11 +202,11 @@ def main() -> None:
     print(f"{'sampler':40s} {'s/step':>8s} {'ratio':>7s}")
     for name, value in result["per_step_s"].items():
         print(f"{name:40s} {value:8.4f} {value / plain:7.3f}")
-    print(f"Predict Subject LoRA (CLIP vision + hypernet, {len(layers)} layers): {result['predict_s'] * 1000:.0f} ms")
+    print(f"Predict Subject LoRA (CLIP vision + hypernet, {layers} layers): {result['predict_s'] * 1000:.0f} ms")
     print(f"RSS before / after {args.memory_runs} repeated HM-CFG runs of each implementation: {result['rss_before_mb']:.0f} / {result['rss_after_mb']:.0f} MB")
     if args.json:
         Path(args.json).write_text(json.dumps({**result, "resolution": args.resolution, "full_sd15": args.full_sd15, "full_sdxl": args.full_sdxl, "clock": clock.UNIT,
-                                               "layers": len(layers)}, indent=1))
+                                               "layers": layers}, indent=1))
 
 
 if __name__ == "__main__":

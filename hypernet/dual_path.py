@@ -9,7 +9,8 @@ context differently), so the caller gives it as ``vanilla(module, args, kwargs) 
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import math
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +25,22 @@ def blend(adapted: torch.Tensor, vanilla: torch.Tensor, alpha: float) -> torch.T
     if alpha == 0.0:
         return vanilla
     return vanilla + alpha * (adapted - vanilla)
+
+
+def vanilla_context(context: torch.Tensor, reads_hard_prompt: Sequence[bool], hard_prompt: torch.Tensor) -> torch.Tensor:
+    """The vanilla path's cross-attention context for a batch of equal chunks (ComfyUI's cond and uncond rows): a chunk
+    flagged True reads ``hard_prompt`` (``(1 or more, tokens, dim)``, repeated over the chunk's rows), the others keep
+    their own rows of ``context``. Different token counts are matched as ComfyUI batches prompts of different lengths:
+    each repeated to their least common multiple (attention over a repeated token list is the same attention)."""
+    chunks = len(reads_hard_prompt)
+    if chunks == 0 or context.shape[0] % chunks:
+        raise ValueError(f"a batch of {context.shape[0]} rows cannot be split into {chunks} equal chunks")
+    rows = context.shape[0] // chunks
+    tokens = math.lcm(context.shape[1], hard_prompt.shape[1])
+    own = context.repeat(1, tokens // context.shape[1], 1)
+    hard = hard_prompt.to(context).repeat(1, tokens // hard_prompt.shape[1], 1)
+    hard = hard[torch.arange(rows, device=hard.device) % hard.shape[0]]  # cyclic, as ComfyUI repeats a conditioning to the batch
+    return torch.cat([hard if flag else own[i * rows:(i + 1) * rows] for i, flag in enumerate(reads_hard_prompt)])
 
 
 class DualPathHandle:

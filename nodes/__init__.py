@@ -1,6 +1,7 @@
 """ComfyUI nodes: thin adapters over ``hypernet``. Imported only inside ComfyUI (they import ``comfy``)."""
 
 from .comfy_bridge import register_model_folders
+from .dual_path import SubjectDualPath
 from .finetune import RankRelaxedFinetune
 from .loaders import LoadCompactSubjectLora, LoadSubjectHyperNet
 from .lora_nodes import ApplySubjectLora, SaveSubjectLora
@@ -23,6 +24,7 @@ NODE_CLASS_MAPPINGS = {
     "SubjectHyperNet_ApplySubjectLora": ApplySubjectLora,
     "SubjectHyperNet_SubjectPromptEncode": SubjectPromptEncode,
     "SubjectHyperNet_SubjectTuning": SubjectTuning,
+    "SubjectHyperNet_SubjectDualPath": SubjectDualPath,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -36,4 +38,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SubjectHyperNet_ApplySubjectLora": "Apply Subject LoRA",
     "SubjectHyperNet_SubjectPromptEncode": "Subject Prompt Encode",
     "SubjectHyperNet_SubjectTuning": "Subject Tuning (embedding + LoRA)",
+    "SubjectHyperNet_SubjectDualPath": "Subject Dual-Path",
 }

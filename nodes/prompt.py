@@ -73,7 +73,7 @@ class SubjectPromptEncode:
     RETURN_NAMES = ("subject_positive", "positive")
     OUTPUT_TOOLTIPS = (
         "The prompt with the subject's word as its predicted embedding, through the adapted CLIP.",
-        "The prompt with the subject's word replaced by its nearest real word, through base_clip: HM-CFG's base prediction.",
+        "The prompt with the subject's word replaced by its nearest real word, through base_clip: HM-CFG's base prediction, or Subject Dual-Path's vanilla_positive.",
     )
     FUNCTION = "encode"
     CATEGORY = CATEGORY

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from hypernet import locate_targets
-from hypernet.dual_path import attach_dual_path, blend
+from hypernet.dual_path import attach_dual_path, blend, vanilla_context
 from hypernet.lora import LoraWeights
 
 
@@ -26,6 +26,24 @@ def test_blend_and_hook_mix_each_layer_with_its_vanilla_call():
     assert not layer._forward_hooks
     with attach_dual_path({"layer": layer}, {"layer": 1.0}, vanilla):
         torch.testing.assert_close(layer(x), layer.forward(x))
+
+
+def test_vanilla_context_gives_positive_rows_the_hard_prompt_and_the_other_rows_their_own_context():
+    context = torch.randn(4, 3, 2)  # two chunks (ComfyUI's uncond, then cond) of two rows, three tokens
+    hard = torch.randn(1, 3, 2)
+    out = vanilla_context(context, [False, True], hard)
+    assert torch.equal(out[:2], context[:2]) and torch.equal(out[2:], hard.expand(2, 3, 2))
+    longer = torch.randn(1, 6, 2)  # another token count: both repeated to the common multiple, as ComfyUI batches prompts
+    out = vanilla_context(context, [True, False], longer)
+    assert out.shape == (4, 6, 2) and torch.equal(out[:2], longer.expand(2, 6, 2)) and torch.equal(out[2:], context[2:].repeat(1, 2, 1))
+    query = torch.randn(2, 5, 2)
+
+    def attention(keys):
+        return torch.softmax(query @ keys.transpose(1, 2), -1) @ keys
+
+    torch.testing.assert_close(attention(out[2:]), attention(context[2:]))  # a repeated token list is the same attention
+    with pytest.raises(ValueError, match="equal chunks"):
+        vanilla_context(context, [True, False, True], hard)
 
 
 @pytest.fixture(scope="module")
