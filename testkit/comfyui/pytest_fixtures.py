@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from comfyui_support.fixtures import build_model_files, layout_models
+from testkit.comfyui.fixtures import build_model_files, layout_models
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache"
