@@ -325,7 +325,7 @@ def write_random_vit_l(path: Path) -> None:
 
 @pytest.mark.comfyui
 def test_features_equal_comfyui_clip_vision_on_the_same_vit_l_file(tmp_path, comfyui_root):
-    root = comfyui_root  # obtained as for every ComfyUI test (testkit/comfyui/pytest_fixtures.py)
+    root = comfyui_root  # obtained as for every ComfyUI test (tests/conftest.py)
     weights = tmp_path / "CLIP-ViT-L-14-random.safetensors"
     try:
         write_random_vit_l(weights)
