@@ -19,12 +19,12 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "scripts"), str(REPO / "benchmarks")]
+sys.path[:0] = [str(REPO), str(REPO / "scripts"), str(REPO / "benchmarks")]
 
 import _clock as clock  # noqa: E402
 
-from comfyui_support.fixtures import build_model_files, build_sdxl_model_files  # noqa: E402
-from comfyui_support.harness import run_in_comfyui  # noqa: E402
+from testkit.comfyui.fixtures import build_model_files, build_sdxl_model_files  # noqa: E402
+from testkit.comfyui.harness import run_in_comfyui  # noqa: E402
 from get_comfyui import ensure_comfyui  # noqa: E402
 
 FULL_SD15 = r"""

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from hypernet import LoraWeights, attach_lora, locate_targets, merge_lora  # noqa: E402
 
@@ -24,7 +23,7 @@ from hypernet import LoraWeights, attach_lora, locate_targets, merge_lora  # noq
 def build_unet(kind: str):
     from diffusers import UNet2DConditionModel
 
-    from tiny_models import SD15_UNET_CONFIG, tiny_unet
+    from testkit.tiny_models import SD15_UNET_CONFIG, tiny_unet
 
     if kind == "tiny":
         return tiny_unet(), 8, 32

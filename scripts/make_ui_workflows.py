@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "scripts"), str(REPO)]
+sys.path[:0] = [str(REPO / "scripts"), str(REPO)]
 
-from comfyui_support.harness import run_in_comfyui  # noqa: E402
-from comfyui_support.workflow_format import NODE_SPECS_CODE, WIDGET_TYPES, api_to_ui  # noqa: E402
+from testkit.comfyui.harness import run_in_comfyui  # noqa: E402
+from testkit.comfyui.workflow_format import NODE_SPECS_CODE, WIDGET_TYPES, api_to_ui  # noqa: E402
 from get_comfyui import ensure_comfyui  # noqa: E402
 
 # -- geometry of the front end (LiteGraph): a node's pos is the top-left of its body; the title bar sits above.

@@ -20,10 +20,10 @@ from pathlib import Path
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "scripts")]
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
-from comfyui_support.browser import Browser, chromium_path, load_workflow, open_comfyui, show_whole_graph  # noqa: E402
-from comfyui_support.harness import ComfyServer  # noqa: E402
+from testkit.comfyui.browser import Browser, chromium_path, load_workflow, open_comfyui, show_whole_graph  # noqa: E402
+from testkit.comfyui.harness import ComfyServer  # noqa: E402
 from get_comfyui import ensure_comfyui  # noqa: E402
 
 SIDE = 512  # pixels; the template browser shows thumbnails about 240 pixels square

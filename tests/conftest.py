@@ -33,7 +33,7 @@ def comfyui_root() -> Path:
 
 @pytest.fixture(scope="session")
 def comfy_model_files(comfyui_root) -> dict[str, Path]:
-    from comfyui_support.fixtures import build_model_files
+    from testkit.comfyui.fixtures import build_model_files
 
     return build_model_files(comfyui_root, CACHE)
 
@@ -58,7 +58,7 @@ def trained_hypernet(comfy_model_files, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def comfy_sdxl_files(comfyui_root) -> dict[str, Path]:
-    from comfyui_support.fixtures import build_sdxl_model_files
+    from testkit.comfyui.fixtures import build_sdxl_model_files
 
     return build_sdxl_model_files(comfyui_root, CACHE)
 
@@ -135,4 +135,4 @@ def bad_hypernets(comfy_models, trained_hypernet) -> dict[str, str]:
     (folder / "truncated.safetensors").write_bytes(data[: len(data) // 3])
     return {"model": "for_another_model.safetensors", "encoder": "for_vit_h.safetensors", "corrupt": "truncated.safetensors"}
 
-pytest_plugins = ["comfyui_support.pytest_fixtures"]
+pytest_plugins = ["testkit.comfyui.pytest_fixtures"]

@@ -23,7 +23,7 @@ from hypernet import (
 from hypernet.errors import FileFormatError, TargetMismatchError
 from hypernet.lidb import LidbBasis
 from hypernet.targets import require_same_targets
-from tiny_models import SD15_UNET_CONFIG, tiny_text_encoder, tiny_unet, unet_inputs
+from testkit.tiny_models import SD15_UNET_CONFIG, tiny_text_encoder, tiny_unet, unet_inputs
 
 SPEC = FeatureSpec(dim=16, tokens=4, encoder="test-encoder")
 

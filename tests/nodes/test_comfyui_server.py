@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from comfyui_support.browser import Browser, chromium_path, load_workflow, open_comfyui, show_whole_graph
-from comfyui_support.harness import ComfyServer
-from comfyui_support.pytest_fixtures import comfyui_required
-from comfyui_support.workflow_format import UI_ONLY_TYPES, strip_meta
-from conftest import prepare_work_dir
+from testkit.comfyui.browser import Browser, chromium_path, load_workflow, open_comfyui, show_whole_graph
+from testkit.comfyui.harness import ComfyServer
+from testkit.comfyui.pytest_fixtures import comfyui_required
+from testkit.comfyui.workflow_format import UI_ONLY_TYPES, strip_meta
+from tests.conftest import prepare_work_dir
 from hypernet.files import COMFYUI_HYPERNET_NAME
-from test_comfyui_workflows import ALL_WORKFLOWS, HMCFG, KSAMPLER, WORKFLOWS, bad_variant, load, shrink
+from tests.nodes.test_comfyui_workflows import ALL_WORKFLOWS, HMCFG, KSAMPLER, WORKFLOWS, bad_variant, load, shrink
 
 pytestmark = pytest.mark.comfyui
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORKFLOW_DIR = REPO / "workflows"
 # Screenshots of every shipped workflow as the front end opens it, for a person to look at.
 ARTIFACTS = REPO / ".cache" / "artifacts" / "workflows"

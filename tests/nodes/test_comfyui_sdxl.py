@@ -1,7 +1,7 @@
 """SDXL inside a real ComfyUI: the shipped SDXL workflows, refusals across families, the saved kohya SDXL LoRA in
 the core loader, HM-CFG, and the trainer's SDXL backbone against ComfyUI's on the same single-file checkpoint.
 
-The checkpoint is the smallest one ComfyUI detects as SDXL (tests/comfyui_support/fixtures.py): SDXL's block layout,
+The checkpoint is the smallest one ComfyUI detects as SDXL (testkit/comfyui/fixtures.py): SDXL's block layout,
 2048-wide context and both full-size text encoders, 320 channels at every level. All graphs run in one ComfyUI
 process (loading its 2.2 GB dominates), widgets shrunk for the CPU as in test_comfyui_workflows.py.
 """
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_support.harness import run_in_comfyui
-from comfyui_support.workflow_format import NODE_SPECS_CODE, strip_meta, ui_to_api
-from conftest import SDXL_WORKFLOW_FILES, WORKFLOW_FILES, prepare_work_dir
-from test_comfyui_workflows import API_DIR, core_lora_variant, load, plain_variant, shrink
-from test_comfyui_workflows import FINETUNE as SD15_FINETUNE, HMCFG as SD15_HMCFG, KSAMPLER as SD15_KSAMPLER, SAVE_LORA as SD15_SAVE_LORA
+from testkit.comfyui.harness import run_in_comfyui
+from testkit.comfyui.workflow_format import NODE_SPECS_CODE, strip_meta, ui_to_api
+from tests.conftest import SDXL_WORKFLOW_FILES, WORKFLOW_FILES, prepare_work_dir
+from tests.nodes.test_comfyui_workflows import API_DIR, core_lora_variant, load, plain_variant, shrink
+from tests.nodes.test_comfyui_workflows import FINETUNE as SD15_FINETUNE, HMCFG as SD15_HMCFG, KSAMPLER as SD15_KSAMPLER, SAVE_LORA as SD15_SAVE_LORA
 
 pytestmark = pytest.mark.comfyui
 SDXL_WORKFLOWS = sorted(p.stem for p in API_DIR.glob("SDXL - *.json"))

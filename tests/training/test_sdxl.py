@@ -23,7 +23,7 @@ from hypernet.subject import SubjectLora, predict_subject_lora
 from hypernet.targets import family_of_layers, from_sgm_name, to_sgm_name
 from training.backbone import TextConditioning, load_backbone, native_resolution, sdxl_target_layers, tiny_sdxl_backbone
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 

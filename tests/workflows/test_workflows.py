@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageStat
 
-from comfyui_support.workflow_format import UI_ONLY_TYPES
-from conftest import SDXL_WORKFLOW_FILES, WORKFLOW_FILES
+from testkit.comfyui.workflow_format import UI_ONLY_TYPES
+from tests.conftest import SDXL_WORKFLOW_FILES, WORKFLOW_FILES
 from hypernet.files import COMFYUI_HYPERNET_NAME, COMFYUI_HYPERNET_NAMES, comfyui_install_hint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORKFLOW_DIR = REPO / "workflows"
 NAMES = sorted(p.stem for p in (WORKFLOW_DIR / "api").glob("*.json"))
 TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its pos

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 SUMMARY_KEYS = {"reader_identity_accuracy", "described_ceiling", "base_subject", "base_prompt", "hypernet_subject", "hypernet_prompt",
                 "hypernet_vs_base_diff", "hypernet_vs_base_se", "hypernet_train_subjects_subject", "hypernet_finetune40_subject",

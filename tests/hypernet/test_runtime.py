@@ -3,7 +3,7 @@ import torch
 
 from hypernet import LoraWeights, attach_lora, locate_targets, merge_lora
 from hypernet.errors import TargetMismatchError
-from tiny_models import tiny_text_encoder, tiny_unet, unet_inputs
+from testkit.tiny_models import tiny_text_encoder, tiny_unet, unet_inputs
 
 
 def random_lora(layers, rank=2, batch=None, seed=0, scale=0.2):

@@ -6,7 +6,7 @@ import torch
 from hypernet import LoraWeights, NoiseSchedule, attach_lora, locate_targets
 from hypernet.errors import HyperNetError
 from hypernet.tuning import TuningConfig, nearest_word_pull, tune_subject
-from tiny_models import tiny_unet
+from testkit.tiny_models import tiny_unet
 
 
 def setup(seed=0):

@@ -4,7 +4,7 @@ import torch
 from hypernet import FeatureSpec, HyperNetConfig, HyperNetwork, LidbConfig, attach_lora, locate_targets
 from hypernet.errors import FeatureError, HyperNetError
 from hypernet.losses import delta_w_l2
-from tiny_models import tiny_text_encoder, tiny_unet, unet_inputs
+from testkit.tiny_models import tiny_text_encoder, tiny_unet, unet_inputs
 
 SPEC = FeatureSpec(dim=24, tokens=5, hidden_state="penultimate_hidden_states", encoder="test")
 

@@ -17,7 +17,7 @@ import torch
 from hypernet import expand_compact_subject_lora, load_hypernet, load_subject_lora
 from training.config import TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 FAST = ["--preset", "tiny", "--synthetic-subjects", "6", "--synthetic-images-per-subject", "2", "--sample-steps", "2", "--sample-subjects", "1"]
 

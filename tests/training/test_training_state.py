@@ -21,7 +21,7 @@ from training.checkpoint import save_checkpoint as real_save_checkpoint
 from training.config import load_config
 from training.inputs import open_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAST = ["--preset", "tiny", "--synthetic-subjects", "6", "--synthetic-images-per-subject", "2", "--sample-steps", "2",
         "--log-every", "1", "--batch-size", "2"]
 

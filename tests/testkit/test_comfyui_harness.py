@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_support.fixtures import CHECKPOINT_NAME, CLIP_VISION_NAME
-from comfyui_support.harness import PACK_NAME, ComfyServer, run_prompts
+from testkit.comfyui.fixtures import CHECKPOINT_NAME, CLIP_VISION_NAME
+from testkit.comfyui.harness import PACK_NAME, ComfyServer, run_prompts
 
 pytestmark = pytest.mark.comfyui
 

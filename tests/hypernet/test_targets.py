@@ -3,7 +3,7 @@ import pytest
 
 from hypernet.targets import TargetLayer, describe_mismatch, locate_targets, targets_hash
 from hypernet.errors import TargetMismatchError
-from tiny_models import SD15_UNET_CONFIG, tiny_sdxl_unet, tiny_text_encoder, tiny_unet
+from testkit.tiny_models import SD15_UNET_CONFIG, tiny_sdxl_unet, tiny_text_encoder, tiny_unet
 
 
 def test_sd15_on_meta_device_has_128_unet_and_48_text_encoder_layers():

@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from hypernet import FeatureSpec, HyperNetConfig, HyperNetwork, LidbConfig, load_hypernet, load_subject_lora, locate_targets, predict_subject_lora, save_hypernet
 from hypernet.errors import FileFormatError
 from hypernet.files import expand_compact_subject_lora, read_safetensors
-from safetensors_layout import PK_LENGTH, first_bytes_cases, header_length, lengths_with_every_low_byte, with_header_length
-from tiny_models import tiny_text_encoder, tiny_unet
+from testkit.safetensors_layout import PK_LENGTH, first_bytes_cases, header_length, lengths_with_every_low_byte, with_header_length
+from testkit.tiny_models import tiny_text_encoder, tiny_unet
 
 SPEC = FeatureSpec(dim=16, tokens=4, encoder="test-encoder")
 

@@ -2,7 +2,7 @@ import torch
 
 from hypernet.lidb import LidbBasis, LidbConfig, orthonormal_rows
 from hypernet.targets import TargetLayer, locate_targets
-from tiny_models import SD15_UNET_CONFIG
+from testkit.tiny_models import SD15_UNET_CONFIG
 
 LAYERS = [TargetLayer("lora_unet_a_to_q", 320, 320), TargetLayer("lora_unet_b_to_k", 768, 640), TargetLayer("lora_te_c_q_proj", 48, 24)]
 # Pinned: the bases are a file format. If this changes, old compact LoRAs no longer expand correctly.

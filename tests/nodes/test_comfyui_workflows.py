@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_support.harness import run_in_comfyui
-from comfyui_support.workflow_format import NODE_SPECS_CODE, strip_meta, ui_to_api
-from conftest import prepare_work_dir
+from testkit.comfyui.harness import run_in_comfyui
+from testkit.comfyui.workflow_format import NODE_SPECS_CODE, strip_meta, ui_to_api
+from tests.conftest import prepare_work_dir
 from hypernet.files import COMFYUI_HYPERNET_NAME
 
 pytestmark = pytest.mark.comfyui
-API_DIR = Path(__file__).resolve().parents[1] / "workflows" / "api"
+API_DIR = Path(__file__).resolve().parents[2] / "workflows" / "api"
 ALL_WORKFLOWS = sorted(p.stem for p in API_DIR.glob("*.json"))
 WORKFLOWS = [name for name in ALL_WORKFLOWS if not name.lower().startswith("sdxl")]  # SD1.5; test_comfyui_sdxl.py runs the SDXL ones
 # The file names are the titles ComfyUI's template browser shows.

@@ -26,7 +26,7 @@ from training.image_encoder import (
     tiny_config,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HIDDEN = ("last_hidden_state", "penultimate_hidden_states", "image_embeds")
 
 
@@ -325,7 +325,7 @@ def write_random_vit_l(path: Path) -> None:
 
 @pytest.mark.comfyui
 def test_features_equal_comfyui_clip_vision_on_the_same_vit_l_file(tmp_path, comfyui_root):
-    root = comfyui_root  # obtained as for every ComfyUI test (tests/comfyui_support/pytest_fixtures.py)
+    root = comfyui_root  # obtained as for every ComfyUI test (tests/conftest.py)
     weights = tmp_path / "CLIP-ViT-L-14-random.safetensors"
     try:
         write_random_vit_l(weights)

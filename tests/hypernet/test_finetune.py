@@ -3,7 +3,7 @@ import torch
 
 from hypernet import FinetuneConfig, LoraWeights, NoiseSchedule, attach_lora, combine_exact, locate_targets, rank_relaxed_finetune
 from hypernet.errors import HyperNetError
-from tiny_models import tiny_unet
+from testkit.tiny_models import tiny_unet
 
 
 def random_lora(layers, rank, seed, scale=0.1):

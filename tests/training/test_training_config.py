@@ -13,7 +13,7 @@ import torch
 
 from training.config import PRESETS, TrainConfig, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def refusal(capsys, argv) -> str:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from hypernet import locate_targets
-from tiny_models import tiny_sdxl_unet, tiny_text_encoder, tiny_unet
+from testkit.tiny_models import tiny_sdxl_unet, tiny_text_encoder, tiny_unet
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # ComfyUI UNetModel configs equivalent to tiny_models.tiny_unet / tiny_sdxl_unet.
 COMFY_CONFIGS = {
