@@ -18,12 +18,12 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "scripts"), str(REPO / "benchmarks")]
+sys.path[:0] = [str(REPO), str(REPO / "scripts"), str(REPO / "benchmarks")]
 
 import _clock as clock  # noqa: E402
 from comfy_sampling import prepare_models  # noqa: E402
 
-from comfyui_support.harness import run_in_comfyui  # noqa: E402
+from testkit.comfyui.harness import run_in_comfyui  # noqa: E402
 from get_comfyui import ensure_comfyui  # noqa: E402
 
 CODE = r"""

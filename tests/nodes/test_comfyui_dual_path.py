@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_support.harness import run_in_comfyui
-from conftest import prepare_work_dir
+from testkit.comfyui.harness import run_in_comfyui
+from tests.conftest import prepare_work_dir
 
 pytestmark = pytest.mark.comfyui
 
