@@ -11,7 +11,7 @@ import comfy.utils
 
 from ..hypernet import FinetuneConfig, NoiseSchedule, SubjectLora, locate_targets, rank_relaxed_finetune
 from ..hypernet.lora import LoraWeights
-from .comfy_bridge import CATEGORY, apply_lora_model, as_rgb, check_lora_fits, lora_model_from_subject, model_family, unet_part
+from .comfy_bridge import CATEGORY, apply_lora_model, as_rgb, check_lora_fits, lora_model_from_subject, model_family
 
 log = logging.getLogger("subject_hypernet")
 
@@ -99,7 +99,7 @@ class RankRelaxedFinetune:
             schedule = NoiseSchedule(1.0 / (1.0 + sampling.sigmas.detach().clone().float().cpu() ** 2))
             config = FinetuneConfig(steps=steps, rank=rank, learning_rate=learning_rate, seed=seed)
             result = rank_relaxed_finetune(
-                targets.modules, unet_part(lora, targets.modules).clone(), latents.detach().clone().to(device),
+                targets.modules, lora.restricted_to(targets.modules).clone(), latents.detach().clone().to(device),
                 _eps_denoiser(work.model, _model_conds(work.model, positive, latents.detach().clone().to(device), device), schedule), schedule, config, on_step,
             )
         merged = _with_text_encoder_part(result.lora, lora)
