@@ -11,12 +11,13 @@ named after the subject id, which is what ``training.train --preopt-dir`` reads.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from hypernet import LidbBasis, LidbConfig
+from hypernet import LidbBasis
 from hypernet.files import save_compact_subject_lora
 from hypernet.hypernetwork import HyperNetOutput
 
@@ -64,7 +65,7 @@ def main(argv=None) -> None:
     device = next(backbone.unet.parameters()).device
     unet_targets, text_targets = backbone.targets(config.text_encoder_targets)
     layers = unet_targets.layers + (text_targets.layers if text_targets is not None else [])
-    basis = LidbBasis(layers, LidbConfig(config.lidb_rank, config.lidb_a, config.lidb_b, config.lidb_seed, False)).to(device)
+    basis = LidbBasis(layers, dataclasses.replace(config.lidb_config(), learned_aux=False)).to(device)  # the targets' bases are fixed
     objective = HypernetObjective(backbone, unet_targets, text_targets, config, backbone.noise_schedule())
     for subject_index, subject in enumerate(dataset.subjects):
         torch.manual_seed(config.seed + subject_index)

@@ -24,6 +24,7 @@ from pathlib import Path
 from hypernet.files import remove_orphan_temporaries
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+from .config import HYPERNET_OPTIONS
 from .config_checks import flag
 
 log = logging.getLogger("training")
@@ -33,8 +34,7 @@ RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.json", "hypernet.safetens
              "subject_lora.compact.safetensors", "validation.png")
 RUN_FOLDERS = ("samples", "tensorboard", "synthetic_data", "synthetic_heldout", "synthetic_eval")
 # Settings that define the hypernetwork's shape and outputs, or the run's randomness: fixed for the run's life.
-FIXED_ON_RESUME = ("width", "depth", "heads", "iterations", "output", "lidb_rank", "lidb_a", "lidb_b", "lidb_seed", "learned_aux",
-                   "lora_rank", "token_embedding", "text_encoder_targets", "hidden_state", "seed")
+FIXED_ON_RESUME = HYPERNET_OPTIONS + ("token_embedding", "text_encoder_targets", "hidden_state", "seed")
 # Not settings of the run: how this invocation was started.
 NOT_COMPARED = ("resume", "overwrite")
 

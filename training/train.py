@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from hypernet import HyperNetConfig, HyperNetwork, LidbConfig, save_hypernet
+from hypernet import HyperNetwork, save_hypernet
 from hypernet.files import load_compact_subject_lora
 from hypernet.subject import predict_subject_lora
 from hypernet.targets import describe_mismatch, targets_hash
@@ -95,12 +95,7 @@ def _run(config: TrainConfig, interrupts: Interrupts) -> TrainResult:
     unet_targets, text_targets = backbone.targets(config.text_encoder_targets)
     layers = unet_targets.layers + (text_targets.layers if text_targets is not None else [])
     feature_spec = encoder.feature_spec(config.hidden_state)
-    hyper_config = HyperNetConfig(
-        features=feature_spec, width=config.width, depth=config.depth, heads=config.heads, iterations=config.iterations,
-        output=config.output, lidb=LidbConfig(config.lidb_rank, config.lidb_a, config.lidb_b, config.lidb_seed, config.learned_aux),
-        lora_rank=config.lora_rank,
-        token_embedding_dim=backbone.text_encoder.get_input_embeddings().embedding_dim if config.token_embedding else 0,
-    )
+    hyper_config = config.hypernet_config(feature_spec, backbone.text_encoder.get_input_embeddings().embedding_dim if config.token_embedding else 0)
     torch.manual_seed(config.seed)
     hypernet = HyperNetwork(hyper_config, layers)
     optimizer = torch.optim.AdamW(hypernet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
