@@ -20,6 +20,8 @@ import yaml
 
 from hypernet import FeatureSpec, HyperNetConfig, LidbConfig
 
+from .errors import InputError
+
 
 def _opt(default: Any, help: str, choices: Sequence[str] | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -244,5 +246,5 @@ def with_native_resolution(config: TrainConfig) -> TrainConfig:
     try:
         return dataclasses.replace(config, resolution=native_resolution(config.backbone))
     except ValueError as error:  # the backbone file cannot be read or is of an unsupported kind
-        raise SystemExit(f"backbone: {error}") from None
+        raise InputError(f"backbone: {error}") from None
 

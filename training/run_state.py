@@ -26,6 +26,7 @@ from hypernet.files import remove_orphan_temporaries
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .config import HYPERNET_OPTIONS
 from .config_checks import flag
+from .errors import RunRefused
 
 log = logging.getLogger("training")
 
@@ -40,9 +41,8 @@ NOT_COMPARED = ("resume", "overwrite")
 
 
 def refuse(message: str) -> None:
-    """One line on stderr and exit status 2, as for a bad option."""
-    print(f"python -m training.train: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    """Raise :class:`RunRefused` (``main()`` reports it in one line with exit status 2, as for a bad option)."""
+    raise RunRefused(message)
 
 
 def check_output_dir(config) -> dict | None:
