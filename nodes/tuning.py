@@ -46,7 +46,7 @@ def word_denoiser(work, clip, text: str, word: str, latents: torch.Tensor):
     real = table.abs().sum(dim=-1) > 0  # a pruned vocabulary has zero rows
     real[list(set(tokenizer.tokenizer.all_special_ids) | {placeholder_id})] = False
     sigmas = work.get_model_object("model_sampling").sigmas.detach().clone().float().cpu()
-    schedule = NoiseSchedule(1.0 / (1.0 + sigmas**2))
+    schedule = NoiseSchedule.from_sigmas(sigmas)
     conds = _model_conds(work.model, clip.encode_from_tokens_scheduled(clip.tokenize(text)), latents, device)
 
     def denoiser(x_t: torch.Tensor, t: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
