@@ -36,6 +36,7 @@ from hypernet import (  # noqa: E402
     FeatureSpec, FinetuneConfig, HyperNetConfig, HyperNetwork, LidbConfig, LoraWeights, NoiseSchedule, locate_targets,
     predict_subject_lora, rank_relaxed_finetune, save_hypernet,
 )
+from hypernet.targets import UNET_COMPONENT  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -113,8 +114,8 @@ def main() -> None:
             fixed = TextConditioning(torch.randn(1, 77, width), None if pooled is None else torch.randn(1, pooled))
         backbone.text_encoder = backbone.text_encoder_2 = None
         gc.collect()
-        bound = bound.subset([name for name in bound.names if name.startswith("lora_unet_")])
-        subject.lora = LoraWeights({n: subject.lora.down[n] for n in bound.names}, {n: subject.lora.up[n] for n in bound.names})
+        bound = bound.restricted_to(UNET_COMPONENT)
+        subject.lora = subject.lora.restricted_to(bound.names)
 
         def denoiser(x_t, t):
             return backbone.predict_noise(x_t, t, TextConditioning(fixed.context.expand(x_t.shape[0], -1, -1),

@@ -102,7 +102,6 @@ def build_hypernet(layers):
 def step_memory(unet, te1, te2, hypernet, batch: int, resolution: int, checkpointing: bool, dtype) -> dict:
     """Saved-for-backward bytes of one training forward (hypernetwork, text encoders, UNet, LoRA on every target layer)."""
     from hypernet import attach_lora, locate_targets
-    from hypernet.lora import LoraWeights
 
     unet_targets = locate_targets(unet)
     text_targets = locate_targets(None, [te1, te2])
@@ -132,7 +131,7 @@ def step_memory(unet, te1, te2, hypernet, batch: int, resolution: int, checkpoin
     try:
         with counter.counting():
             lora = hypernet(torch.empty(batch, 257, 1024, device="meta")).lora
-            part = lambda modules: LoraWeights({n: lora.down[n].to(dtype) for n in modules}, {n: lora.up[n].to(dtype) for n in modules})  # noqa: E731
+            part = lambda modules: lora.restricted_to(modules).to(dtype)  # noqa: E731
             hypernet_saved = counter.total
         with counter.counting(), attach_lora(text_targets.modules, part(text_targets.modules)), attach_lora(unet_targets.modules, part(unet_targets.modules)):
             first = te1(ids, output_hidden_states=True).hidden_states[-2]

@@ -29,7 +29,7 @@ import _clock as clock  # noqa: E402
 
 
 def build(args):
-    from hypernet import HyperNetConfig, HyperNetwork, LidbConfig, locate_targets
+    from hypernet import HyperNetwork, locate_targets
     from training.config import PRESETS, TrainConfig
     from training.image_encoder import load_image_encoder
     from training.backbone import TextConditioning
@@ -73,17 +73,16 @@ def build(args):
     references = torch.rand(args.batch_size, size, size, 3, generator=generator)
     captions = ["a photo of a sks toy on a red background"] * args.batch_size
     return (config, backbone, encoder, unet_targets, text_targets, schedule, pixels, references, captions, device, dtype,
-            Batch, HypernetObjective, HyperNetwork, HyperNetConfig, LidbConfig)
+            Batch, HypernetObjective, HyperNetwork)
 
 
 def run_variant(args) -> dict:
     (config, backbone, encoder, unet_targets, text_targets, schedule, pixels, references, captions, device, dtype,
-     Batch, HypernetObjective, HyperNetwork, HyperNetConfig, LidbConfig) = build(args)
+     Batch, HypernetObjective, HyperNetwork) = build(args)
     autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
     if args.variant == "hypernet":
         layers = unet_targets.layers + (text_targets.layers if text_targets is not None else [])
-        hyper_config = HyperNetConfig(features=encoder.feature_spec(config.hidden_state), width=config.width, depth=config.depth, heads=config.heads,
-                                      iterations=config.iterations, lidb=LidbConfig(config.lidb_rank, config.lidb_a, config.lidb_b))
+        hyper_config = config.hypernet_config(encoder.feature_spec(config.hidden_state))
         model = HyperNetwork(hyper_config, layers).to(device)
         objective = HypernetObjective(backbone, unet_targets, text_targets, config, schedule)
 

@@ -83,9 +83,8 @@ def make_cases(world: SyntheticWorld, subjects: list[Subject], contexts_per_subj
 def stack_loras(loras: list[LoraWeights], repeats: int) -> LoraWeights:
     """Per-subject LoRAs -> one batched LoRA with each subject's factors repeated ``repeats`` times."""
     names = loras[0].names
-    down = {n: torch.stack([l.down[n] for l in loras]).repeat_interleave(repeats, 0) for n in names}
-    up = {n: torch.stack([l.up[n] for l in loras]).repeat_interleave(repeats, 0) for n in names}
-    return LoraWeights(down, up)
+    stacked = LoraWeights({n: torch.stack([l.down[n] for l in loras]) for n in names}, {n: torch.stack([l.up[n] for l in loras]) for n in names})
+    return stacked.repeated(repeats, interleave=True)
 
 
 def lora_spread(loras: list[LoraWeights]) -> dict[str, float]:

@@ -26,7 +26,7 @@ from .errors import FileFormatError, HyperNetError
 from .hypernetwork import HyperNetConfig, HyperNetwork
 from .lidb import LidbBasis, LidbConfig
 from .lora import LoraWeights
-from .targets import TargetLayer, from_sgm_name, targets_from_json, targets_hash, targets_to_json, to_sgm_name, unet_naming_for
+from .targets import TargetLayer, from_sgm_name, layer_component, targets_from_json, targets_hash, targets_to_json, to_sgm_name, unet_naming_for
 
 FORMAT_VERSION = 1
 HYPERNET_FORMAT = "subject_hypernet"
@@ -293,7 +293,7 @@ class HyperNetInfo:
 
     def summary(self) -> str:
         features = self.config.features
-        components = sorted({layer.name.split("_text_model_")[0] if "_text_model_" in layer.name else "unet" for layer in self.layers})
+        components = sorted({layer_component(layer.name) for layer in self.layers})
         return (
             f"{self.path.name}: base {self.base_arch}, {len(self.layers)} layers ({', '.join(components)}), "
             f"{self.config.output} rank {self.config.rank}; expects {features.hidden_state} "

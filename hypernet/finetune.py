@@ -85,14 +85,6 @@ def noisy_batch(latents: torch.Tensor, per_subject: int, schedule: NoiseSchedule
     return x0, noise, timesteps
 
 
-def per_sample(lora: LoraWeights, repeats: int) -> LoraWeights:
-    """Each subject's factors repeated for its ``repeats`` samples in the step's batch (autograd flows back)."""
-    if repeats == 1:
-        return lora
-    return LoraWeights({n: d.repeat_interleave(repeats, 0) for n, d in lora.down.items()},
-                       {n: u.repeat_interleave(repeats, 0) for n, u in lora.up.items()})
-
-
 def rank_relaxed_finetune(
     modules: Mapping[str, nn.Linear],
     predicted: LoraWeights,
@@ -126,7 +118,7 @@ def rank_relaxed_finetune(
     if subjects is None:  # shared factors fit any batch: hook them once
         handles = [attach_lora(modules, fixed), attach_lora(modules, learned)]
     else:
-        handles = [attach_lora(modules, per_sample(fixed, per_subject))]
+        handles = [attach_lora(modules, fixed.repeated(per_subject, interleave=True))]
     losses: list[float] = []
     try:
         for step in range(config.steps):
@@ -135,7 +127,7 @@ def rank_relaxed_finetune(
             if subjects is None:
                 prediction = denoiser(x_t, timesteps)
             else:
-                with attach_lora(modules, per_sample(learned, per_subject)):
+                with attach_lora(modules, learned.repeated(per_subject, interleave=True)):
                     prediction = denoiser(x_t, timesteps)
             per_subject_loss = denoising_loss(prediction, noise).view(count, per_subject).mean(1)
             loss = per_subject_loss.sum()

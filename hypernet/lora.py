@@ -7,12 +7,12 @@ batch dimension (one LoRA per batch element, as the hypernetwork predicts them d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
 from .errors import TargetMismatchError
-from .targets import TargetLayer
+from .targets import TargetLayer, names_within
 
 
 @dataclass
@@ -52,6 +52,26 @@ class LoraWeights:
     def select(self, index: int) -> "LoraWeights":
         """The LoRA of one batch element."""
         return LoraWeights({n: d[index] for n, d in self.down.items()}, {n: u[index] for n, u in self.up.items()})
+
+    def restricted_to(self, selection: str | Iterable[str]) -> "LoraWeights":
+        """The layers of one component (``'lora_unet'``, ``'lora_te1'``, ...) or of a collection of names (e.g. the
+        modules of one model part, a dict counting by its keys), in this LoRA's order; the tensors are shared."""
+        names = names_within(self.names, selection)
+        return LoraWeights({n: self.down[n] for n in names}, {n: self.up[n] for n in names})
+
+    def repeated(self, times: int, *, interleave: bool = False) -> "LoraWeights":
+        """This LoRA ``times`` over along the batch (autograd flows back). A shared LoRA becomes ``times`` per-sample
+        copies (views); per-sample factors are tiled, ``[a, b] -> [a, b, a, b]`` (a batch of concatenated chunks, e.g.
+        CFG's ``[uncond, cond]``), or with ``interleave`` each repeated in place, ``[a, b] -> [a, a, b, b]`` (a
+        subject-major batch of several samples per subject)."""
+        if self.batch_size is None:
+            return LoraWeights({n: d.expand(times, *d.shape) for n, d in self.down.items()}, {n: u.expand(times, *u.shape) for n, u in self.up.items()})
+        if times == 1:
+            return self
+        if interleave:
+            return LoraWeights({n: d.repeat_interleave(times, 0) for n, d in self.down.items()},
+                               {n: u.repeat_interleave(times, 0) for n, u in self.up.items()})
+        return LoraWeights({n: torch.cat([d] * times) for n, d in self.down.items()}, {n: torch.cat([u] * times) for n, u in self.up.items()})
 
     def to(self, *args, **kwargs) -> "LoraWeights":
         return LoraWeights({n: d.to(*args, **kwargs) for n, d in self.down.items()}, {n: u.to(*args, **kwargs) for n, u in self.up.items()})

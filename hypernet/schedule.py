@@ -1,4 +1,8 @@
-"""The DDPM noise schedule the denoising losses use (pure torch; SD1.5's by default)."""
+"""The DDPM noise schedule the denoising losses use (pure torch; SD1.5's by default), and its k-diffusion view.
+
+ComfyUI (k-diffusion) writes the same noising as ``x = x0 + sigma * eps`` with ``x = x_t / sqrt(abar_t)`` and
+``sigma = sqrt((1 - abar_t) / abar_t)``, and its models predict the denoised ``x0``; the conversions are here.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,11 @@ class NoiseSchedule:
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
         return cls(torch.cumprod(1.0 - betas, dim=0).float())
 
+    @classmethod
+    def from_sigmas(cls, sigmas: torch.Tensor) -> "NoiseSchedule":
+        """The schedule of k-diffusion noise levels (ComfyUI's ``model_sampling.sigmas``): ``abar = 1 / (1 + sigma^2)``."""
+        return cls(1.0 / (1.0 + sigmas**2))
+
     @property
     def num_timesteps(self) -> int:
         return self.alphas_cumprod.shape[0]
@@ -31,3 +40,14 @@ class NoiseSchedule:
         """The matching k-diffusion noise level ``sigma = sqrt((1 - abar) / abar)`` (ComfyUI's convention)."""
         abar = self.alphas_cumprod[timesteps.cpu()]
         return ((1 - abar) / abar).sqrt()
+
+    def to_sigma_space(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A DDPM sample at integer ``timesteps`` as k-diffusion sees it: ``(x_t / sqrt(abar_t), sigma_t)``, which is
+        ``x0 + sigma * eps``; ``sigma`` per sample, shaped to broadcast over ``x_t``."""
+        abar = self.alphas_cumprod.to(x_t.device)[timesteps].reshape(-1, *([1] * (x_t.dim() - 1)))
+        return x_t / abar.sqrt(), ((1 - abar) / abar).sqrt()
+
+
+def eps_from_denoised(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The noise a denoised (x0) prediction implies at ``x = x0 + sigma * eps``."""
+    return (x - denoised) / sigma

@@ -19,7 +19,8 @@ from torch import nn
 
 from .errors import TargetMismatchError
 
-UNET_PREFIX = "lora_unet_"
+UNET_COMPONENT = "lora_unet"
+UNET_PREFIX = UNET_COMPONENT + "_"
 _PROJECTION_ORDER = {"to_q": 0, "to_k": 1, "to_v": 2, "to_out_0": 3, "q_proj": 0, "k_proj": 1, "v_proj": 2, "out_proj": 3}
 
 # Attention projections inside a transformer block, in either naming scheme.
@@ -56,10 +57,28 @@ class BoundTargets:
     def names(self) -> list[str]:
         return [layer.name for layer in self.layers]
 
-    def subset(self, names: Iterable[str]) -> "BoundTargets":
-        wanted = set(names)
+    def restricted_to(self, selection: str | Iterable[str]) -> "BoundTargets":
+        """The layers of one component (``'lora_unet'``, ``'lora_te1'``, ...) or of a collection of names, in order."""
+        wanted = set(names_within(self.names, selection))
         layers = [layer for layer in self.layers if layer.name in wanted]
         return BoundTargets(layers, {layer.name: self.modules[layer.name] for layer in layers})
+
+
+def layer_component(name: str) -> str:
+    """The part of the model a canonical layer name (or a kohya key) belongs to, as its kohya prefix: ``'lora_unet'``,
+    or a text encoder's ``'lora_te'`` / ``'lora_te1'`` / ``'lora_te2'``; ``''`` for a key of neither (a bundled embedding)."""
+    if "_text_model_" in name:
+        return name.split("_text_model_")[0]
+    return UNET_COMPONENT if name.startswith(UNET_PREFIX) else ""
+
+
+def names_within(names: Iterable[str], selection: str | Iterable[str]) -> list[str]:
+    """``names``, in their order, that belong to ``selection``: a component (see :func:`layer_component`) or a
+    collection of layer names (a dict of modules counts by its keys)."""
+    if isinstance(selection, str):
+        return [name for name in names if layer_component(name) == selection]
+    wanted = set(selection)
+    return [name for name in names if name in wanted]
 
 
 def text_encoder_prefixes(count: int) -> list[str]:
@@ -173,7 +192,7 @@ def locate_targets(
                 if match and isinstance(module, nn.Linear) and "vision_model" not in path:
                     layer, proj = match.groups()
                     entries.append((f"{prefix}_text_model_encoder_layers_{layer}_self_attn_{proj}", module))
-    if unet is not None and include_unet and not any(name.startswith(UNET_PREFIX) for name, _ in entries):
+    if unet is not None and include_unet and not any(layer_component(name) == UNET_COMPONENT for name, _ in entries):
         raise TargetMismatchError(
             f"no attention projections found in the UNet ({type(unet).__name__}): expected diffusers "
             "'down_blocks.*.attentions.*' or LDM 'input_blocks.*' transformer blocks"
@@ -185,8 +204,8 @@ def locate_targets(
 
 
 def _component_sort_key(name: str) -> tuple:
-    component = name.split("_text_model_")[0] if "_text_model_" in name else "lora_unet"
-    component_rank = 0 if component == "lora_unet" else 1
+    component = layer_component(name)
+    component_rank = 0 if component == UNET_COMPONENT else 1
     return component_rank, component, _sort_key(name)
 
 
@@ -306,10 +325,10 @@ def family_name(family: str) -> str:
 def family_of_layers(layers: Sequence[TargetLayer]) -> str:
     """The base family a target list was located on: two text encoders mean SDXL; otherwise the width of the
     UNet's cross-attention context names it (768 SD1.5, 1024 SD2.x, 2048 SDXL, 1280 SDXL refiner)."""
-    components = {layer.name.split("_text_model_")[0] for layer in layers if "_text_model_" in layer.name}
+    components = {layer_component(layer.name) for layer in layers}
     if {"lora_te1", "lora_te2"} <= components:
         return "sdxl"
-    context = next((layer.in_features for layer in layers if layer.name.startswith(UNET_PREFIX) and layer.name.endswith("attn2_to_k")), None)
+    context = next((layer.in_features for layer in layers if layer_component(layer.name) == UNET_COMPONENT and layer.name.endswith("attn2_to_k")), None)
     family = _FAMILY_BY_CONTEXT.get(context)
     if family is None:
         return f"unknown (cross-attention context width {context})" if context else "unknown"

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import HyperNetError
-from .finetune import noisy_batch, per_sample
+from .finetune import noisy_batch
 from .losses import denoising_loss
 from .lora import LoraWeights
 from .runtime import attach_lora
@@ -96,7 +96,7 @@ def tune_subject(
     losses: list[float] = []
     for step in range(config.steps):
         x0, noise, timesteps = noisy_batch(latents, per_subject, schedule, generator)
-        with attach_lora(modules, per_sample(lora, per_subject)):
+        with attach_lora(modules, lora.repeated(per_subject, interleave=True)):
             prediction = denoiser(schedule.add_noise(x0, noise, timesteps), timesteps, vectors.repeat_interleave(per_subject, 0))
         denoise = denoising_loss(prediction, noise).view(count, per_subject).mean(1)
         loss = (denoise + config.nn_weight * nearest_word_pull(vectors, vocabulary)).sum()

@@ -17,7 +17,8 @@ import folder_paths
 from ..hypernet import FeatureError, HyperNetInfo, HyperNetwork, SubjectLora, TargetMismatchError, locate_targets
 from ..hypernet.files import kohya_to_lora, lora_to_kohya
 from ..hypernet.lora import LoraWeights
-from ..hypernet.targets import BoundTargets, TargetLayer, base_family, describe_mismatch, family_name, family_of_layers, unet_naming_for
+from ..hypernet.targets import (UNET_COMPONENT, BoundTargets, TargetLayer, base_family, describe_mismatch, family_name, family_of_layers,
+                                layer_component, unet_naming_for)
 
 log = logging.getLogger("subject_hypernet")
 
@@ -54,12 +55,6 @@ def lora_weights_from_lora_model(lora_model: dict) -> LoraWeights:
     if subject is not None:
         return subject.lora
     return kohya_to_lora(dict(lora_model), "LORA_MODEL input")
-
-
-def unet_part(lora: LoraWeights, modules: dict) -> LoraWeights:
-    """The layers of ``lora`` that exist in ``modules`` (e.g. the UNet part of a UNet + text-encoder LoRA)."""
-    names = [n for n in lora.names if n in modules]
-    return LoraWeights({n: lora.down[n] for n in names}, {n: lora.up[n] for n in names})
 
 
 def text_encoders_of(clip) -> list[torch.nn.Module]:
@@ -125,7 +120,7 @@ def check_hypernet_fits(hypernet: LoadedHyperNet, model, clip) -> None:
     """Refuse a hypernetwork made for another base model, naming both and the first difference."""
     wanted = hypernet.module.layers
     _refuse_other_family(_made_for(hypernet.info.base_arch, wanted), "hypernetwork", model)
-    needs_text = any("_text_model_" in layer.name for layer in wanted)
+    needs_text = any(layer_component(layer.name) != UNET_COMPONENT for layer in wanted)
     if needs_text and clip is None:
         raise TargetMismatchError(
             "this hypernetwork also adapts the text encoder: connect the CLIP from the same checkpoint to 'clip'"
@@ -146,7 +141,7 @@ def check_lora_fits(lora_model: dict, model) -> LoraWeights:
     layers = [TargetLayer(n, lora.down[n].shape[-1], lora.up[n].shape[-2]) for n in lora.names]
     _refuse_other_family(_made_for(subject.base_arch if subject is not None else None, layers), "subject LoRA", model)
     found = {layer.name: layer for layer in model_targets(model).layers}
-    unet_layers = [layer for layer in layers if layer.name.startswith("lora_unet_")]
+    unet_layers = [layer for layer in layers if layer_component(layer.name) == UNET_COMPONENT]
     misfits = [layer.name for layer in unet_layers if found.get(layer.name) != layer]
     if not unet_layers or misfits:
         raise TargetMismatchError(
@@ -185,7 +180,7 @@ def clip_vision_features(clip_vision, image: torch.Tensor, hidden_state: str) ->
 def unet_keys(lora_model: dict) -> dict:
     """The diffusion-model part of a kohya dict: what to hand ComfyUI where no CLIP is patched (it would log every
     text-encoder key as 'not loaded', 528 lines for an SDXL subject LoRA)."""
-    return {key: value for key, value in lora_model.items() if key.startswith("lora_unet_")}
+    return {key: value for key, value in lora_model.items() if layer_component(key) == UNET_COMPONENT}
 
 
 def apply_lora_model(model, clip, lora_model: dict, strength_model: float, strength_clip: float):

@@ -21,7 +21,7 @@ from comfy.ldm.modules.attention import CrossAttention
 from ..hypernet.dual_path import attach_dual_path, vanilla_context
 from ..hypernet.errors import HyperNetError
 from ..hypernet.runtime import attach_lora
-from .comfy_bridge import CATEGORY, check_lora_fits, model_targets, unet_part
+from .comfy_bridge import CATEGORY, check_lora_fits, model_targets
 
 log = logging.getLogger("subject_hypernet")
 WRAPPER_KEY = "subject_hypernet_dual_path"
@@ -74,7 +74,7 @@ def dual_path_model(model, subject_lora, vanilla_positive, alpha: float, strengt
     patched = model.clone()
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)  # a second Dual-Path replaces the first
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
-                                 DualPathWrapper(unet_part(lora, targets.modules), targets.modules, attention, hard_prompt, float(alpha), float(strength)))
+                                 DualPathWrapper(lora.restricted_to(targets.modules), targets.modules, attention, hard_prompt, float(alpha), float(strength)))
     return patched
 
 

@@ -11,7 +11,8 @@ import comfy.utils
 
 from ..hypernet import FinetuneConfig, NoiseSchedule, SubjectLora, locate_targets, rank_relaxed_finetune
 from ..hypernet.lora import LoraWeights
-from .comfy_bridge import CATEGORY, apply_lora_model, as_rgb, check_lora_fits, lora_model_from_subject, model_family, unet_part
+from ..hypernet.schedule import eps_from_denoised
+from .comfy_bridge import CATEGORY, apply_lora_model, as_rgb, check_lora_fits, lora_model_from_subject, model_family
 
 log = logging.getLogger("subject_hypernet")
 
@@ -41,12 +42,9 @@ def _eps_denoiser(base_model, conds: dict[str, torch.Tensor], schedule: NoiseSch
     """ComfyUI predicts denoised x0 from ``x0 + sigma * eps`` at noise level sigma; the loop wants eps at DDPM x_t."""
 
     def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        abar = schedule.alphas_cumprod.to(x_t.device)[t].reshape(-1, 1, 1, 1)
-        sigma = ((1 - abar) / abar).sqrt()
-        x_in = x_t / abar.sqrt()
+        x, sigma = schedule.to_sigma_space(x_t, t)
         batch = {name: value.expand(x_t.shape[0], *value.shape[1:]) for name, value in conds.items()}
-        denoised = base_model.apply_model(x_in, sigma.flatten(), **batch)
-        return (x_in - denoised) / sigma
+        return eps_from_denoised(x, base_model.apply_model(x, sigma.flatten(), **batch), sigma)
 
     return denoiser
 
@@ -96,10 +94,10 @@ class RankRelaxedFinetune:
             _trainable_copy_of_weights(diffusion_model)
             targets = locate_targets(diffusion_model)
             sampling = work.get_model_object("model_sampling")
-            schedule = NoiseSchedule(1.0 / (1.0 + sampling.sigmas.detach().clone().float().cpu() ** 2))
+            schedule = NoiseSchedule.from_sigmas(sampling.sigmas.detach().clone().float().cpu())
             config = FinetuneConfig(steps=steps, rank=rank, learning_rate=learning_rate, seed=seed)
             result = rank_relaxed_finetune(
-                targets.modules, unet_part(lora, targets.modules).clone(), latents.detach().clone().to(device),
+                targets.modules, lora.restricted_to(targets.modules).clone(), latents.detach().clone().to(device),
                 _eps_denoiser(work.model, _model_conds(work.model, positive, latents.detach().clone().to(device), device), schedule), schedule, config, on_step,
             )
         merged = _with_text_encoder_part(result.lora, lora)

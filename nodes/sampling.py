@@ -12,7 +12,7 @@ import latent_preview
 
 from ..hypernet.guidance import hm_cfg, sigma_in_window
 from ..hypernet.runtime import attach_lora
-from .comfy_bridge import CATEGORY, check_lora_fits, lora_weights_from_lora_model, model_targets, unet_keys, unet_part
+from .comfy_bridge import CATEGORY, check_lora_fits, lora_weights_from_lora_model, model_targets, unet_keys
 
 IMPLEMENTATIONS = ["auto", "comfy_hooks", "batched"]
 
@@ -62,7 +62,7 @@ class HMCFGGuider(comfy.samplers.CFGGuider):
             targets = model_targets(self.model_patcher)
             lora = lora_weights_from_lora_model(self.lora_model)
             self._unet_modules = targets.modules
-            self._unet_lora = unet_part(lora, targets.modules).to(x.device)
+            self._unet_lora = lora.restricted_to(targets.modules).to(x.device)
         with attach_lora(self._unet_modules, self._unet_lora, strength=gate):
             return apply_model(x, args["timestep"], **args["c"])
 

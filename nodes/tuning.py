@@ -12,7 +12,7 @@ import comfy.utils
 from ..hypernet import NoiseSchedule, SubjectLora, TuningConfig, locate_targets, tune_subject
 from ..hypernet.errors import HyperNetError
 from ..hypernet.words import single_token_id
-from .comfy_bridge import CATEGORY, apply_lora_model, as_rgb, check_lora_fits, lora_model_from_subject, unet_part
+from .comfy_bridge import CATEGORY, apply_lora_model, as_rgb, check_lora_fits, lora_model_from_subject
 from .finetune import _eps_denoiser, _model_conds, _trainable_copy_of_weights, _with_text_encoder_part
 from .prompt import _sd_tokenizer, _swap_token
 
@@ -46,7 +46,7 @@ def word_denoiser(work, clip, text: str, word: str, latents: torch.Tensor):
     real = table.abs().sum(dim=-1) > 0  # a pruned vocabulary has zero rows
     real[list(set(tokenizer.tokenizer.all_special_ids) | {placeholder_id})] = False
     sigmas = work.get_model_object("model_sampling").sigmas.detach().clone().float().cpu()
-    schedule = NoiseSchedule(1.0 / (1.0 + sigmas**2))
+    schedule = NoiseSchedule.from_sigmas(sigmas)
     conds = _model_conds(work.model, clip.encode_from_tokens_scheduled(clip.tokenize(text)), latents, device)
 
     def denoiser(x_t: torch.Tensor, t: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -119,7 +119,7 @@ class SubjectTuning:
             denoiser, vocabulary, schedule = word_denoiser(work, clip, text, embedding.word, x0)
             targets = locate_targets(work.model.diffusion_model)
             config = TuningConfig(steps=steps, learning_rate=learning_rate, nn_weight=nn_weight, seed=seed)
-            result = tune_subject(targets.modules, unet_part(lora, targets.modules).clone(), embedding.vectors[0], vocabulary, x0,
+            result = tune_subject(targets.modules, lora.restricted_to(targets.modules).clone(), embedding.vectors[0], vocabulary, x0,
                                   denoiser, schedule, config, on_step)
         subject = SubjectLora(
             layers=source.layers, lora=_with_text_encoder_part(result.lora, lora), base_arch=source.base_arch,

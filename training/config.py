@@ -2,6 +2,9 @@
 
 Every field becomes a ``--flag`` whose help text shows its default; ``--preset NAME`` starts from a
 named preset, ``--config FILE`` from a YAML file (applied after the preset), flags win over both.
+The hypernetwork's hyper-parameters are the core's: an option made with ``_hyper`` names a field of
+:class:`HyperNetConfig` (or, as ``lidb.NAME``, of its :class:`LidbConfig`), takes its default from there, and
+:meth:`TrainConfig.hypernet_config` hands it on. Exposing a new hyper-parameter is one ``_hyper`` line.
 """
 
 from __future__ import annotations
@@ -15,9 +18,22 @@ from typing import Any, Sequence
 
 import yaml
 
+from hypernet import FeatureSpec, HyperNetConfig, LidbConfig
+
+from .errors import InputError
+
 
 def _opt(default: Any, help: str, choices: Sequence[str] | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+_CORE_DEFAULTS = {**{item.name: item.default for item in dataclasses.fields(HyperNetConfig) if item.default is not dataclasses.MISSING},
+                  **{f"lidb.{item.name}": item.default for item in dataclasses.fields(LidbConfig)}}
+
+
+def _hyper(core_name: str, help: str, choices: Sequence[str] | None = None):
+    """An option that is the hypernetwork's ``core_name`` (``'width'``, ``'lidb.rank'``), with the core's default."""
+    return field(default=_CORE_DEFAULTS[core_name], metadata={"help": help, "choices": choices, "hypernet": core_name})
 
 
 @dataclass
@@ -37,17 +53,17 @@ class TrainConfig:
     output_dir: str = _opt("runs/hypernet", "Where checkpoints, logs, samples and exports go.")
     # -- hypernetwork
     hidden_state: str = _opt("penultimate_hidden_states", "Image-encoder output the hypernetwork reads.", ("last_hidden_state", "penultimate_hidden_states", "image_embeds"))
-    width: int = _opt(512, "Decoder width.")
-    depth: int = _opt(2, "Decoder layers (HyperDreamBooth: 2).")
-    heads: int = _opt(8, "Attention heads in the decoder.")
-    iterations: int = _opt(4, "Refinement rounds s: theta_k = T(f, theta_{k-1}).")
-    output: str = _opt("lidb", "Predict LiDB trainables or plain rank-r LoRA factors.", ("lidb", "lora"))
-    lidb_rank: int = _opt(1, "LiDB rank r.")
-    lidb_a: int = _opt(100, "LiDB aux width a (up side).")
-    lidb_b: int = _opt(50, "LiDB aux width b (down side).")
-    lidb_seed: int = _opt(0, "Seed of the frozen LiDB aux bases.")
-    learned_aux: bool = _opt(False, "Learn the aux bases with the hypernetwork (stored in its file).")
-    lora_rank: int = _opt(1, "Rank when output is 'lora'.")
+    width: int = _hyper("width", "Decoder width.")
+    depth: int = _hyper("depth", "Decoder layers (HyperDreamBooth: 2).")
+    heads: int = _hyper("heads", "Attention heads in the decoder.")
+    iterations: int = _hyper("iterations", "Refinement rounds s: theta_k = T(f, theta_{k-1}).")
+    output: str = _hyper("output", "Predict LiDB trainables or plain rank-r LoRA factors.", ("lidb", "lora"))
+    lidb_rank: int = _hyper("lidb.rank", "LiDB rank r.")
+    lidb_a: int = _hyper("lidb.a", "LiDB aux width a (up side).")
+    lidb_b: int = _hyper("lidb.b", "LiDB aux width b (down side).")
+    lidb_seed: int = _hyper("lidb.seed", "Seed of the frozen LiDB aux bases.")
+    learned_aux: bool = _hyper("lidb.learned_aux", "Learn the aux bases with the hypernetwork (stored in its file).")
+    lora_rank: int = _hyper("lora_rank", "Rank when output is 'lora'.")
     text_encoder_targets: bool = _opt(True, "Also adapt the text encoder's attention (q, k, v, out).")
     # -- objective
     reg_weight: float = _opt(1e-3, "lambda of the L2 penalty on the hypernetwork output.")
@@ -86,6 +102,28 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def hypernet_config(self, features: FeatureSpec, token_embedding_dim: int = 0) -> HyperNetConfig:
+        """The run's hypernetwork: every option made with ``_hyper``, the core's defaults for the fields no option names,
+        and what the models in hand decide (the image features; the word-embedding width when one is predicted)."""
+        return HyperNetConfig(features=features, lidb=self.lidb_config(), token_embedding_dim=token_embedding_dim, **self._core_values(""))
+
+    def lidb_config(self) -> LidbConfig:
+        """The run's LiDB settings (every ``lidb.*`` option; the rest at the core's defaults)."""
+        return LidbConfig(**self._core_values("lidb."))
+
+    def _core_values(self, prefix: str) -> dict[str, Any]:
+        """``{core field: value}`` of the options naming a field directly under ``prefix`` ('' or 'lidb.')."""
+        values = {}
+        for item in dataclasses.fields(self):
+            core = item.metadata.get("hypernet")
+            if core is not None and core.startswith(prefix) and "." not in core[len(prefix):]:
+                values[core[len(prefix):]] = getattr(self, item.name)
+        return values
+
+
+# The options that are hypernetwork hyper-parameters, in TrainConfig's order.
+HYPERNET_OPTIONS = tuple(item.name for item in dataclasses.fields(TrainConfig) if "hypernet" in item.metadata)
 
 
 DEMO_STEPS = 700
@@ -208,5 +246,5 @@ def with_native_resolution(config: TrainConfig) -> TrainConfig:
     try:
         return dataclasses.replace(config, resolution=native_resolution(config.backbone))
     except ValueError as error:  # the backbone file cannot be read or is of an unsupported kind
-        raise SystemExit(f"backbone: {error}") from None
+        raise InputError(f"backbone: {error}") from None
 

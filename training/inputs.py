@@ -16,6 +16,7 @@ import torch
 
 from .backbone import Backbone, BackboneError, load_backbone
 from .data import DataError, SubjectFolderDataset
+from .errors import InputError
 from .image_encoder import ImageEncoder, ImageEncoderError, load_image_encoder
 from .objective import Batch
 from .synthetic import write_synthetic_dataset
@@ -52,7 +53,7 @@ def open_dataset(config, output_dir: Path) -> SubjectFolderDataset:
     try:
         return _subject_folder(root, config, config.flip_prob)
     except DataError as error:
-        raise SystemExit(f"data: {error}") from None
+        raise InputError(f"data: {error}") from None
 
 
 def open_preview_dataset(config, output_dir: Path, dataset: SubjectFolderDataset) -> SubjectFolderDataset:
@@ -73,9 +74,9 @@ def open_eval_dataset(config, output_dir: Path) -> SubjectFolderDataset | None:
     try:
         dataset = _subject_folder(root, config, 0.0)
     except DataError as error:
-        raise SystemExit(f"eval data: {error}") from None
+        raise InputError(f"eval data: {error}") from None
     if len(dataset.subjects) < 2:
-        raise SystemExit(f"eval data: {root} holds {len(dataset.subjects)} subject(s); validation needs at least 2")
+        raise InputError(f"eval data: {root} holds {len(dataset.subjects)} subject(s); validation needs at least 2")
     return dataset
 
 
@@ -83,9 +84,9 @@ def open_backbone(config, device, dtype) -> Backbone:
     try:
         backbone = load_backbone(config.backbone, dtype=dtype, device=device, seed=config.seed)
     except (BackboneError, ValueError) as error:
-        raise SystemExit(f"backbone: {error}") from None
+        raise InputError(f"backbone: {error}") from None
     if backbone.is_sdxl and config.token_embedding:
-        raise SystemExit("backbone: the predicted token embedding (--token-embedding) is not supported for SDXL's two text encoders yet")
+        raise InputError("backbone: the predicted token embedding (--token-embedding) is not supported for SDXL's two text encoders yet")
     return backbone
 
 
@@ -95,7 +96,7 @@ def open_image_encoder(config, device) -> ImageEncoder:
         encoder.feature_spec(config.hidden_state)
         return encoder
     except (ImageEncoderError, ValueError) as error:
-        raise SystemExit(f"image encoder: {error}") from None
+        raise InputError(f"image encoder: {error}") from None
 
 
 class EncodedCache:

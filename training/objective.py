@@ -15,7 +15,6 @@ import torch
 
 from hypernet import BoundTargets, HyperNetwork, NoiseSchedule, attach_lora
 from hypernet.losses import delta_w_l2, denoising_loss, nearest_neighbor_contrastive_loss, params_l2, weight_space_loss
-from hypernet.lora import LoraWeights
 
 
 @dataclass
@@ -26,11 +25,6 @@ class Batch:
     subject_ids: list[str]
     time_ids: torch.Tensor | None = None  # (B, 6) SDXL size/crop conditioning; None: the backbone's default
     latents: torch.Tensor | None = None  # (B, C, h, w) cached UNet-space latents of ``pixels`` (--cache-latents)
-
-
-def split_lora(lora: LoraWeights, modules: dict) -> LoraWeights:
-    names = [n for n in lora.names if n in modules]
-    return LoraWeights({n: lora.down[n] for n in names}, {n: lora.up[n] for n in names})
 
 
 class TokenEmbeddingOverride:
@@ -103,13 +97,13 @@ class HypernetObjective:
         captions = ["" if drop else caption for caption, drop in zip(batch.captions, dropped.tolist())]
 
         if self.text_modules:
-            hooks.enter_context(attach_lora(self.text_modules, split_lora(out.lora, self.text_modules)))
+            hooks.enter_context(attach_lora(self.text_modules, out.lora.restricted_to(self.text_modules)))
         if self.embedding_override is not None:
             hooks.callback(self.embedding_override.attach(out.token_embedding).remove)
         learn_text = bool(self.text_modules) or self.embedding_override is not None
         with torch.set_grad_enabled(learn_text and torch.is_grad_enabled()):  # nothing to learn in a plain text encoder
             conditioning = backbone.encode_prompts(captions, device)
-        hooks.enter_context(attach_lora(self.unet_modules, split_lora(out.lora, self.unet_modules)))
+        hooks.enter_context(attach_lora(self.unet_modules, out.lora.restricted_to(self.unet_modules)))
         prediction = backbone.predict_noise(noisy, timesteps, conditioning, batch.time_ids)
 
         denoise = denoising_loss(prediction, noise).mean()

@@ -11,17 +11,19 @@ named after the subject id, which is what ``training.train --preopt-dir`` reads.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from hypernet import LidbBasis, LidbConfig
+from hypernet import LidbBasis
 from hypernet.files import save_compact_subject_lora
 from hypernet.hypernetwork import HyperNetOutput
 
 from .checkpoint import step_generator
 from .config import load_config
+from .errors import InputError, TrainingError, exit_for
 from .inputs import SubjectBatches, open_backbone, open_dataset
 from .objective import HypernetObjective
 
@@ -54,9 +56,16 @@ def main(argv=None) -> None:
     parser.add_argument("--preopt-steps", type=int, default=300, help="Optimisation steps per subject (default: 300).")
     parser.add_argument("--preopt-learning-rate", type=float, default=1e-2, help="Adam learning rate on the LiDB numbers (default: 1e-2).")
     args, rest = parser.parse_known_args(argv)
-    config = load_config(rest)
+    try:
+        preoptimize(load_config(rest), args.preopt_steps, args.preopt_learning_rate)
+    except TrainingError as error:
+        raise exit_for(error, "python -m training.preoptimize") from None
+
+
+def preoptimize(config, steps: int, learning_rate: float) -> None:
+    """One compact LiDB subject LoRA per subject of ``config.data``, optimised ``steps`` times, into ``config.preopt_dir``."""
     if not config.preopt_dir:
-        raise SystemExit("--preopt-dir is required: where to write the per-subject compact LoRAs")
+        raise InputError("--preopt-dir is required: where to write the per-subject compact LoRAs")
     out = Path(config.preopt_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = open_dataset(config, Path(config.output_dir))
@@ -64,14 +73,14 @@ def main(argv=None) -> None:
     device = next(backbone.unet.parameters()).device
     unet_targets, text_targets = backbone.targets(config.text_encoder_targets)
     layers = unet_targets.layers + (text_targets.layers if text_targets is not None else [])
-    basis = LidbBasis(layers, LidbConfig(config.lidb_rank, config.lidb_a, config.lidb_b, config.lidb_seed, False)).to(device)
+    basis = LidbBasis(layers, dataclasses.replace(config.lidb_config(), learned_aux=False)).to(device)  # the targets' bases are fixed
     objective = HypernetObjective(backbone, unet_targets, text_targets, config, backbone.noise_schedule())
     for subject_index, subject in enumerate(dataset.subjects):
         torch.manual_seed(config.seed + subject_index)
         model = FixedSubject(basis).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.preopt_learning_rate)
+        optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
         items = [i for i, (s, _) in enumerate(dataset.items) if s == subject_index]
-        for step in range(args.preopt_steps):
+        for step in range(steps):
             generator = step_generator(config.seed, step, subject_index)
             samples = [dataset.get(items[int(torch.randint(len(items), (), generator=generator))], generator) for _ in range(config.batch_size)]
             batch = SubjectBatches.assemble(samples, None, config, device)  # FixedSubject ignores features
@@ -80,7 +89,7 @@ def main(argv=None) -> None:
                 terms["loss"].backward()
             optimizer.step()
         path = save_compact_subject_lora(out / f"{subject.subject_id}.compact.safetensors", {n: p.detach().cpu() for n, p in model.trainables().items()},
-                                         basis, base_arch=backbone.arch, provenance={"preoptimized_steps": args.preopt_steps})
+                                         basis, base_arch=backbone.arch, provenance={"preoptimized_steps": steps})
         print(f"[{subject_index + 1}/{len(dataset.subjects)}] {subject.subject_id}: final loss {terms['denoise'].item():.4f} -> {path}", flush=True)
 
 

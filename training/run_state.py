@@ -24,7 +24,9 @@ from pathlib import Path
 from hypernet.files import remove_orphan_temporaries
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+from .config import HYPERNET_OPTIONS
 from .config_checks import flag
+from .errors import RunRefused
 
 log = logging.getLogger("training")
 
@@ -33,16 +35,14 @@ RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.json", "hypernet.safetens
              "subject_lora.compact.safetensors", "validation.png")
 RUN_FOLDERS = ("samples", "tensorboard", "synthetic_data", "synthetic_heldout", "synthetic_eval")
 # Settings that define the hypernetwork's shape and outputs, or the run's randomness: fixed for the run's life.
-FIXED_ON_RESUME = ("width", "depth", "heads", "iterations", "output", "lidb_rank", "lidb_a", "lidb_b", "lidb_seed", "learned_aux",
-                   "lora_rank", "token_embedding", "text_encoder_targets", "hidden_state", "seed")
+FIXED_ON_RESUME = HYPERNET_OPTIONS + ("token_embedding", "text_encoder_targets", "hidden_state", "seed")
 # Not settings of the run: how this invocation was started.
 NOT_COMPARED = ("resume", "overwrite")
 
 
 def refuse(message: str) -> None:
-    """One line on stderr and exit status 2, as for a bad option."""
-    print(f"python -m training.train: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    """Raise :class:`RunRefused` (``main()`` reports it in one line with exit status 2, as for a bad option)."""
+    raise RunRefused(message)
 
 
 def check_output_dir(config) -> dict | None:

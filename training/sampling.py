@@ -15,7 +15,7 @@ from hypernet.lora import LoraWeights
 from hypernet.words import nearest_real_word
 
 from .backbone import TextConditioning
-from .objective import TokenEmbeddingOverride, split_lora
+from .objective import TokenEmbeddingOverride
 
 
 def _encode(backbone, prompts, device, text_modules=None, lora=None, token_embedding=None, placeholder: str = "sks") -> TextConditioning:
@@ -23,7 +23,7 @@ def _encode(backbone, prompts, device, text_modules=None, lora=None, token_embed
     placeholder word's input embedding is replaced by the predicted one (the tuning-encoder option)."""
     with ExitStack() as stack:
         if lora is not None and text_modules:
-            stack.enter_context(attach_lora(text_modules, split_lora(lora, text_modules)))
+            stack.enter_context(attach_lora(text_modules, lora.restricted_to(text_modules)))
         if token_embedding is not None:
             placeholder_id = backbone.tokenizer(placeholder, add_special_tokens=False).input_ids[0]
             override = TokenEmbeddingOverride(backbone.text_encoder.get_input_embeddings(), placeholder_id)
@@ -64,7 +64,7 @@ def sample(
     scheduler.set_timesteps(steps)
     size = len(prompts)
     if lora is not None and lora.batch_size is None:
-        lora = LoraWeights({n: d.expand(size, *d.shape) for n, d in lora.down.items()}, {n: u.expand(size, *u.shape) for n, u in lora.up.items()})
+        lora = lora.repeated(size)
     adapted = lora is not None and mode != "base"
     base_cond = _encode(backbone, prompts, device)
     base_uncond = _encode(backbone, [negative] * size, device)
@@ -80,19 +80,19 @@ def sample(
     channels = backbone.unet.config.in_channels
     generator = torch.Generator().manual_seed(seed)
     latents = (torch.randn(size, channels, resolution // factor, resolution // factor, generator=generator) * scheduler.init_noise_sigma).to(device, dtype)
-    unet_lora = split_lora(lora, unet_modules) if adapted else None
+    unet_lora = lora.restricted_to(unet_modules) if adapted else None
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(latents, t)
         if not adapted:
             eps_u, eps_c = backbone.predict_noise(torch.cat([x, x]), t, TextConditioning.cat([base_uncond, base_cond])).chunk(2)
             eps = eps_u + cfg_text * (eps_c - eps_u)
         elif mode == "lora":
-            with attach_lora(unet_modules, _twice(unet_lora)):
+            with attach_lora(unet_modules, unet_lora.repeated(2)):
                 eps_u, eps_c = backbone.predict_noise(torch.cat([x, x]), t, TextConditioning.cat([subject_uncond, subject_cond])).chunk(2)
             eps = eps_u + cfg_text * (eps_c - eps_u)
         elif mode == "hmcfg":
             gate = torch.cat([torch.zeros(2 * size), torch.ones(size)]).to(device)
-            with attach_lora(unet_modules, _thrice(unet_lora), strength=gate):
+            with attach_lora(unet_modules, unet_lora.repeated(3), strength=gate):
                 eps_u, eps_c, eps_s = backbone.predict_noise(torch.cat([x, x, x]), t, TextConditioning.cat([base_uncond, base_cond, subject_cond])).chunk(3)
             eps = hm_cfg(eps_u, eps_c, eps_s, cfg_text, cfg_subject)
         elif mode == "dual":
@@ -108,7 +108,7 @@ def sample(
                 finally:
                     gate.fill_(1.0)
 
-            with attach_lora(unet_modules, _twice(unet_lora), strength=gate), attach_dual_path(attention_modules(backbone.unet), dual_alpha, vanilla):
+            with attach_lora(unet_modules, unet_lora.repeated(2), strength=gate), attach_dual_path(attention_modules(backbone.unet), dual_alpha, vanilla):
                 eps_u, eps_c = backbone.predict_noise(torch.cat([x, x]), t, TextConditioning.cat([subject_uncond, subject_cond])).chunk(2)
             eps = eps_u + cfg_text * (eps_c - eps_u)
         else:
@@ -130,14 +130,6 @@ def _nearest_words(backbone, token_embedding: torch.Tensor, placeholder: str) ->
     placeholder_id = backbone.tokenizer(placeholder, add_special_tokens=False).input_ids[0]
     excluded = set(backbone.tokenizer.all_special_ids) | {placeholder_id}
     return torch.stack([table[nearest_real_word(vector, table, excluded)] for vector in token_embedding])
-
-
-def _twice(lora: LoraWeights) -> LoraWeights:
-    return LoraWeights({n: torch.cat([d, d]) for n, d in lora.down.items()}, {n: torch.cat([u, u]) for n, u in lora.up.items()})
-
-
-def _thrice(lora: LoraWeights) -> LoraWeights:
-    return LoraWeights({n: torch.cat([d, d, d]) for n, d in lora.down.items()}, {n: torch.cat([u, u, u]) for n, u in lora.up.items()})
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

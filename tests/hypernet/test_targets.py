@@ -1,7 +1,7 @@
 import torch
 import pytest
 
-from hypernet.targets import TargetLayer, describe_mismatch, locate_targets, targets_hash
+from hypernet.targets import TargetLayer, describe_mismatch, layer_component, locate_targets, targets_hash
 from hypernet.errors import TargetMismatchError
 from testkit.tiny_models import SD15_UNET_CONFIG, tiny_sdxl_unet, tiny_text_encoder, tiny_unet
 
@@ -14,8 +14,8 @@ def test_sd15_on_meta_device_has_128_unet_and_48_text_encoder_layers():
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
         text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12))
     bound = locate_targets(unet, [text_encoder])
-    unet_layers = [l for l in bound.layers if l.name.startswith("lora_unet_")]
-    te_layers = [l for l in bound.layers if l.name.startswith("lora_te_")]
+    unet_layers = [l for l in bound.layers if layer_component(l.name) == "lora_unet"]
+    te_layers = [l for l in bound.layers if layer_component(l.name) == "lora_te"]
     assert (len(unet_layers), len(te_layers)) == (128, 48)
     # canonical order: down blocks, mid, up blocks; q, k, v, out; then text encoder layers 0..11
     assert bound.layers[0] == TargetLayer("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 320, 320)
@@ -62,3 +62,11 @@ def test_hash_and_mismatch_description():
     text = describe_mismatch(a, b)
     assert "with other shapes" in text and "attn2_to_k (32->32 expected, 16->32 found)" in text
     assert describe_mismatch(a, a[:-1]).startswith(f"{len(a)} layers expected, {len(a) - 1} found; 1 missing")
+
+
+def test_layer_component_is_the_kohya_prefix_of_a_layer_or_key():
+    assert layer_component("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q") == "lora_unet"
+    assert layer_component("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight") == "lora_unet"
+    assert layer_component("lora_te_text_model_encoder_layers_0_self_attn_q_proj") == "lora_te"
+    assert layer_component("lora_te2_text_model_encoder_layers_3_self_attn_out_proj.alpha") == "lora_te2"
+    assert layer_component("bundle_emb.sks.string_to_param.*") == ""

@@ -433,7 +433,7 @@ with torch.inference_mode(False), torch.no_grad():
         generator, total = torch.Generator().manual_seed(seed), 0.0
         for _ in range(draws):
             x0_, noise_, t_ = noisy_batch(reference.unsqueeze(0), 1, schedule, generator)
-            with attach_lora(modules, bridge.unet_part(subject.lora, modules)):
+            with attach_lora(modules, subject.lora.restricted_to(modules)):
                 total += float(denoising_loss(denoiser(schedule.add_noise(x0_, noise_, t_), t_, subject.token_embedding.reshape(1, -1).float()), noise_).mean())
         return total / draws
 

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from hypernet import FeatureSpec, HyperNetConfig, HyperNetwork, LidbConfig, expand_compact_subject_lora, load_hypernet, load_subject_lora, locate_targets
 from hypernet.lidb import LidbBasis
 from hypernet.subject import SubjectLora, predict_subject_lora
-from hypernet.targets import family_of_layers, from_sgm_name, to_sgm_name
+from hypernet.targets import family_of_layers, from_sgm_name, layer_component, to_sgm_name
 from training.backbone import TextConditioning, load_backbone, native_resolution, sdxl_target_layers, tiny_sdxl_backbone
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +34,7 @@ def tiny_sdxl():
 
 def test_full_size_sdxl_targets_lidb_size_and_file_sizes(tmp_path):
     layers = sdxl_target_layers()
-    prefixes = [layer.name.split("_text_model_")[0] if "_text_model_" in layer.name else "lora_unet" for layer in layers]
+    prefixes = [layer_component(layer.name) for layer in layers]
     assert (prefixes.count("lora_unet"), prefixes.count("lora_te1"), prefixes.count("lora_te2")) == (560, 48, 128)
     assert family_of_layers(layers) == "sdxl"
     by_name = {layer.name: layer for layer in layers}
@@ -211,8 +211,8 @@ def test_tiny_sdxl_preset_trains_with_the_memory_options_and_exports_sdxl_files(
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in rows)
     hypernet, info = load_hypernet(tmp_path / "hypernet.safetensors")
     assert info.base_arch == "sdxl-tiny" and json.loads((tmp_path / "config.json").read_text())["resolution"] == 64
-    components = {layer.name.split("_text_model_")[0] for layer in info.layers if "_text_model_" in layer.name}
-    assert components == {"lora_te1", "lora_te2"}
+    components = {layer_component(layer.name) for layer in info.layers}
+    assert components == {"lora_unet", "lora_te1", "lora_te2"}
     standard, metadata = load_subject_lora(tmp_path / "subject_lora.safetensors")
     compact, layers, _ = expand_compact_subject_lora(tmp_path / "subject_lora.compact.safetensors")
     assert layers == hypernet.layers and metadata["ss_base_model_version"] == "sdxl-tiny"

@@ -108,3 +108,22 @@ def test_refused_before_any_model_is_built_or_folder_written(tmp_path):
                             cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == ["python -m training.train: error: --batch-size must be an integer >= 1, not 0 (see --help)"]
     assert not (tmp_path / "run").exists() and time.time() - started < 60
+
+
+def test_hypernetwork_options_are_the_cores_fields_with_the_cores_defaults():
+    import dataclasses
+
+    from hypernet import FeatureSpec, HyperNetConfig, LidbConfig
+    from training.config import HYPERNET_OPTIONS
+
+    features = FeatureSpec(dim=8, tokens=4)
+    default = TrainConfig().hypernet_config(features)
+    assert default == HyperNetConfig(features=features)  # every option's default is the core's
+    assert HYPERNET_OPTIONS == ("width", "depth", "heads", "iterations", "output", "lidb_rank", "lidb_a", "lidb_b", "lidb_seed",
+                                "learned_aux", "lora_rank")
+    config = load_config(["--width", "96", "--heads", "3", "--iterations", "5", "--output", "lora", "--lora-rank", "2", "--lidb-rank", "2",
+                          "--lidb-a", "7", "--lidb-b", "6", "--lidb-seed", "9", "--depth", "1"])
+    assert config.hypernet_config(features, 5) == dataclasses.replace(
+        default, width=96, heads=3, iterations=5, output="lora", lora_rank=2, depth=1, token_embedding_dim=5,
+        lidb=LidbConfig(rank=2, a=7, b=6, seed=9))
+    assert load_config(["--learned-aux"]).lidb_config() == LidbConfig(learned_aux=True)

@@ -27,7 +27,7 @@ FAST = ["--preset", "tiny", "--synthetic-subjects", "6", "--synthetic-images-per
 
 
 def train(out: Path, *flags: str):
-    return train_module.run(load_config([*FAST, "--output-dir", str(out), *flags]))
+    train_module.main([*FAST, "--output-dir", str(out), *flags])  # as the command line: refusals and stops exit with their status
 
 
 def refused(capsys, out: Path, *flags: str) -> str:
@@ -60,6 +60,20 @@ def test_rerun_into_a_run_folder_is_refused_and_overwrite_starts_over(tmp_path, 
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3] and checkpoint(tmp_path)["step"] == 3
     assert not (tmp_path / "samples").exists() and (tmp_path / "notes.txt").read_text() == "mine"  # only the run's own files go
     assert "--resume and --overwrite contradict" in refused(capsys, tmp_path, "--resume", "--overwrite")
+
+
+def test_run_raises_typed_errors_and_only_main_turns_them_into_an_exit_status(tmp_path, capsys):
+    from training.errors import InputError, RunRefused, TrainingError
+
+    with pytest.raises(RunRefused, match="--resume and --overwrite contradict") as refusal:
+        train_module.run(load_config([*FAST, "--output-dir", str(tmp_path), "--resume", "--overwrite"]))
+    assert isinstance(refusal.value, TrainingError) and refusal.value.exit_code == 2
+    with pytest.raises(InputError, match="^data: data folder not found"):
+        train_module.run(load_config([*FAST, "--output-dir", str(tmp_path), "--data", str(tmp_path / "missing")]))
+    assert capsys.readouterr().err == ""  # nothing printed by the library
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.main([*FAST, "--output-dir", str(tmp_path), "--data", str(tmp_path / "missing")])
+    assert exit_info.value.code == 1 and capsys.readouterr().err.startswith("data: data folder not found")
 
 
 def test_synthetic_data_made_with_other_settings_is_written_again(tmp_path, caplog):
