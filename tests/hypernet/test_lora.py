@@ -1,7 +1,7 @@
 import torch
 
 from hypernet import LoraWeights, locate_targets
-from tiny_models import tiny_text_encoder, tiny_unet
+from testkit.tiny_models import tiny_text_encoder, tiny_unet
 
 
 def lora_of(layers, batch=None):
