@@ -5,7 +5,7 @@
     python benchmarks/train_step.py --backbone sdxl-random --resolution 128 --batch-size 1 --repeats 3 --warmup 1
 
 Both steps: VAE encode, text encode, UNet forward/backward with LoRA on the same target layers, AdamW step.
-Hypernet step = image-encoder features + hypernetwork forward (s refinement rounds) + a *different* LoRA per
+HyperNet step = image-encoder features + hypernetwork forward (s refinement rounds) + a *different* LoRA per
 sample; plain step = one shared rank-r LoRA (peft), as in LoRA DreamBooth. Interleaved repeats, medians.
 Peak memory is each variant's own process (CPU: max RSS; GPU: torch.cuda.max_memory_allocated).
 """
@@ -33,7 +33,7 @@ def build(args):
     from training.config import PRESETS, TrainConfig
     from training.image_encoder import load_image_encoder
     from training.backbone import TextConditioning
-    from training.objective import Batch, HypernetObjective
+    from training.objective import Batch, HyperNetObjective
 
     config = TrainConfig(**{**PRESETS["tiny"], "batch_size": args.batch_size, "resolution": args.resolution})
     if args.backbone in ("sd15-random", "sdxl-random"):
@@ -73,18 +73,18 @@ def build(args):
     references = torch.rand(args.batch_size, size, size, 3, generator=generator)
     captions = ["a photo of a sks toy on a red background"] * args.batch_size
     return (config, backbone, encoder, unet_targets, text_targets, schedule, pixels, references, captions, device, dtype,
-            Batch, HypernetObjective, HyperNetwork)
+            Batch, HyperNetObjective, HyperNetwork)
 
 
 def run_variant(args) -> dict:
     (config, backbone, encoder, unet_targets, text_targets, schedule, pixels, references, captions, device, dtype,
-     Batch, HypernetObjective, HyperNetwork) = build(args)
+     Batch, HyperNetObjective, HyperNetwork) = build(args)
     autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
     if args.variant == "hypernet":
         layers = unet_targets.layers + (text_targets.layers if text_targets is not None else [])
         hyper_config = config.hypernet_config(encoder.feature_spec(config.hidden_state))
         model = HyperNetwork(hyper_config, layers).to(device)
-        objective = HypernetObjective(backbone, unet_targets, text_targets, config, schedule)
+        objective = HyperNetObjective(backbone, unet_targets, text_targets, config, schedule)
 
         def step(generator):
             features = encoder.features(references, config.hidden_state).to(device)

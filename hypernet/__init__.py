@@ -18,7 +18,7 @@ from .files import (
     save_hypernet,
 )
 from .finetune import FinetuneConfig, FinetuneResult, rank_relaxed_finetune
-from .guidance import hm_cfg, hm_cfg_two, subject_term_active
+from .guidance import hm_cfg, hm_cfg_two, in_subject_window
 from .hypernetwork import FeatureSpec, HyperNetConfig, HyperNetOutput, HyperNetwork
 from .lidb import LidbBasis, LidbConfig
 from .lora import LoraWeights, combine_exact
@@ -45,7 +45,7 @@ __all__ = [
     "rank_relaxed_finetune",
     "hm_cfg",
     "hm_cfg_two",
-    "subject_term_active",
+    "in_subject_window",
     "FeatureSpec",
     "HyperNetConfig",
     "HyperNetOutput",

@@ -112,7 +112,7 @@ class HyperNetConfig:
 
 @dataclass
 class HyperNetOutput:
-    params: dict[str, torch.Tensor]  # flat per-layer prediction, (B, P_layer)
+    trainables: dict[str, torch.Tensor]  # flat per-layer prediction (LiDB numbers, or raw LoRA factors), (B, P_layer)
     lora: LoraWeights  # per-sample factors, (B, r, in) / (B, out, r)
     token_embedding: torch.Tensor | None = None  # (B, token_embedding_dim)
 
@@ -163,7 +163,7 @@ class HyperNetwork(nn.Module):
         else:
             self.basis = None
             sizes = [config.lora_rank * (layer.out_features + layer.in_features) for layer in self.layers]
-        self.param_sizes = sizes
+        self.trainable_sizes = sizes
 
         self.feature_norm = nn.LayerNorm(config.features.dim)
         self.feature_proj = nn.Linear(config.features.dim, width)
@@ -218,7 +218,7 @@ class HyperNetwork(nn.Module):
 
     def _split_groups(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """``(B, sum P)`` -> per-group ``(B, n_g, P_g)`` in GroupedLinear group order."""
-        chunks = torch.split(flat, self.param_sizes, dim=-1)
+        chunks = torch.split(flat, self.trainable_sizes, dim=-1)
         return [torch.stack([chunks[i] for i in indices], dim=1) for _, _, indices in self.weight_embed.groups]
 
     def _join_groups(self, grouped: list[torch.Tensor]) -> torch.Tensor:
@@ -242,31 +242,31 @@ class HyperNetwork(nn.Module):
         features = self.check_features(features)
         batch = features.shape[0]
         memory = self.feature_proj(self.feature_norm(features)) + self.feature_pos
-        theta = features.new_zeros(batch, sum(self.param_sizes))
+        refined = features.new_zeros(batch, sum(self.trainable_sizes))  # theta_0 = 0, then theta_k = T(f, theta_{k-1})
         extra = self.token_query.expand(batch, 1, -1) if self.token_query is not None else None
         for _ in range(self.config.iterations):
-            embedded = self.weight_embed.forward_groups(self._split_groups(theta))
+            embedded = self.weight_embed.forward_groups(self._split_groups(refined))
             tokens = self._scatter_tokens(embedded, batch) + self.layer_pos
             if extra is not None:
                 tokens = torch.cat([tokens, extra], dim=1)
             hidden = self.decoder(tokens, memory)
             if extra is not None:
                 hidden, extra = hidden[:, : len(self.layers)], hidden[:, len(self.layers) :]
-            theta = theta + self._join_groups(self.heads.forward_groups(self._gather_tokens(hidden)))
-        flat = theta + self.offset
-        chunks = torch.split(flat, self.param_sizes, dim=-1)
-        params = {layer.name: chunk for layer, chunk in zip(self.layers, chunks)}
+            refined = refined + self._join_groups(self.heads.forward_groups(self._gather_tokens(hidden)))
+        flat = refined + self.offset
+        chunks = torch.split(flat, self.trainable_sizes, dim=-1)
+        trainables = {layer.name: chunk for layer, chunk in zip(self.layers, chunks)}
         token_embedding = self.token_head(extra[:, 0]) if extra is not None else None
-        return HyperNetOutput(params, self.params_to_lora(params), token_embedding)
+        return HyperNetOutput(trainables, self.trainables_to_lora(trainables), token_embedding)
 
-    def params_to_lora(self, params: dict[str, torch.Tensor]) -> LoraWeights:
+    def trainables_to_lora(self, trainables: dict[str, torch.Tensor]) -> LoraWeights:
         """Flat per-layer predictions -> LoRA factors (batched if the inputs are)."""
         if self.basis is not None:
-            return self.basis.expand(params)
+            return self.basis.expand(trainables)
         r = self.config.lora_rank
         down, up = {}, {}
         for layer in self.layers:
-            flat = params[layer.name]
+            flat = trainables[layer.name]
             up[layer.name] = flat[..., : layer.out_features * r].reshape(*flat.shape[:-1], layer.out_features, r)
             down[layer.name] = flat[..., layer.out_features * r :].reshape(*flat.shape[:-1], r, layer.in_features)
         return LoraWeights(down, up)
@@ -280,4 +280,4 @@ class HyperNetwork(nn.Module):
         return self(features.mean(dim=0, keepdim=True))
 
     def num_predicted(self) -> int:
-        return sum(self.param_sizes)
+        return sum(self.trainable_sizes)

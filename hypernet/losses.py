@@ -27,14 +27,14 @@ def delta_w_l2(lora: LoraWeights) -> torch.Tensor:
     return total
 
 
-def params_l2(params: dict[str, torch.Tensor]) -> torch.Tensor:
+def trainables_l2(trainables: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-sample squared norm of the raw predicted numbers (``sum_layers ||theta_l||^2``)."""
-    return sum(p.float().pow(2).sum(dim=-1) for p in params.values())
+    return sum(p.float().pow(2).sum(dim=-1) for p in trainables.values())
 
 
-def weight_space_loss(params: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+def weight_space_loss(trainables: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-sample ``||theta_hat - theta_preopt||^2`` toward pre-optimised per-subject weights (HyperDreamBooth)."""
-    return sum((params[name].float() - targets[name].float()).pow(2).sum(dim=-1) for name in targets)
+    return sum((trainables[name].float() - targets[name].float()).pow(2).sum(dim=-1) for name in targets)
 
 
 def nearest_neighbor_contrastive_loss(

@@ -62,14 +62,13 @@ def predict_subject_lora(hypernet: HyperNetwork, reference_features: torch.Tenso
     """
     param = next(hypernet.parameters())
     output = hypernet.predict(reference_features.to(param.device, param.dtype))
-    params = {name: value[0].float().cpu() for name, value in output.params.items()}
+    predicted = {name: value[0].float().cpu() for name, value in output.trainables.items()}
     if hypernet.basis is not None:
-        basis = hypernet.basis
-        lora = basis.expand_exact(params)
-        trainables = params
-    else:
+        basis, trainables = hypernet.basis, predicted
+        lora = basis.expand_exact(predicted)
+    else:  # raw LoRA factors: no LiDB numbers to keep
         basis, trainables = None, None
-        lora = hypernet.params_to_lora(params)
+        lora = hypernet.trainables_to_lora(predicted)
     provenance = {"hypernet": info.path.name} if info is not None else {}
     placeholder = str(info.provenance.get("placeholder", "sks")) if info is not None else "sks"
     return SubjectLora(

@@ -44,17 +44,17 @@ class SubjectLoraDict(dict):
     subject: SubjectLora | None = None
 
 
-def lora_model_from_subject(subject: SubjectLora) -> SubjectLoraDict:
+def subject_lora_for_comfy(subject: SubjectLora) -> SubjectLoraDict:
     state = SubjectLoraDict(lora_to_kohya(subject.lora, naming=unet_naming_for(subject.base_arch)))
     state.subject = subject
     return state
 
 
-def lora_weights_from_lora_model(lora_model: dict) -> LoraWeights:
-    subject = getattr(lora_model, "subject", None)
+def lora_weights_of(subject_lora: dict) -> LoraWeights:
+    subject = getattr(subject_lora, "subject", None)
     if subject is not None:
         return subject.lora
-    return kohya_to_lora(dict(lora_model), "LORA_MODEL input")
+    return kohya_to_lora(dict(subject_lora), "LORA_MODEL input")
 
 
 def text_encoders_of(clip) -> list[torch.nn.Module]:
@@ -134,10 +134,10 @@ def check_hypernet_fits(hypernet: LoadedHyperNet, model, clip) -> None:
         )
 
 
-def check_lora_fits(lora_model: dict, model) -> LoraWeights:
+def check_lora_fits(subject_lora: dict, model) -> LoraWeights:
     """The LORA_MODEL's factors, after refusing one made for another base model (naming both)."""
-    lora = lora_weights_from_lora_model(lora_model)
-    subject = getattr(lora_model, "subject", None)
+    lora = lora_weights_of(subject_lora)
+    subject = getattr(subject_lora, "subject", None)
     layers = [TargetLayer(n, lora.down[n].shape[-1], lora.up[n].shape[-2]) for n in lora.names]
     _refuse_other_family(_made_for(subject.base_arch if subject is not None else None, layers), "subject LoRA", model)
     found = {layer.name: layer for layer in model_targets(model).layers}
@@ -177,16 +177,16 @@ def clip_vision_features(clip_vision, image: torch.Tensor, hidden_state: str) ->
     return features.to(comfy.model_management.intermediate_device(), torch.float32)
 
 
-def unet_keys(lora_model: dict) -> dict:
+def unet_keys(subject_lora: dict) -> dict:
     """The diffusion-model part of a kohya dict: what to hand ComfyUI where no CLIP is patched (it would log every
     text-encoder key as 'not loaded', 528 lines for an SDXL subject LoRA)."""
-    return {key: value for key, value in lora_model.items() if layer_component(key) == UNET_COMPONENT}
+    return {key: value for key, value in subject_lora.items() if layer_component(key) == UNET_COMPONENT}
 
 
-def apply_lora_model(model, clip, lora_model: dict, strength_model: float, strength_clip: float):
+def apply_subject_lora(model, clip, subject_lora: dict, strength_model: float, strength_clip: float):
     """Exactly what the core LoraLoader does with a file's contents: patch clones of MODEL and CLIP (a bundled word
     embedding reaches prompts through Subject Prompt Encode or embedding:<name>, not here)."""
     if strength_model == 0 and strength_clip == 0:
         return model, clip
-    weights = {k: v for k, v in lora_model.items() if not k.startswith("bundle_emb.")}  # a bundled word embedding is no weight
+    weights = {k: v for k, v in subject_lora.items() if not k.startswith("bundle_emb.")}  # a bundled word embedding is no weight
     return comfy.sd.load_lora_for_models(model, clip, weights if clip is not None else unet_keys(weights), strength_model, strength_clip)

@@ -12,12 +12,12 @@ import comfy.utils
 from ..hypernet import FinetuneConfig, NoiseSchedule, SubjectLora, locate_targets, rank_relaxed_finetune
 from ..hypernet.lora import LoraWeights
 from ..hypernet.schedule import eps_from_denoised
-from .comfy_bridge import CATEGORY, apply_lora_model, as_rgb, check_lora_fits, lora_model_from_subject, model_family
+from .comfy_bridge import CATEGORY, apply_subject_lora, as_rgb, check_lora_fits, subject_lora_for_comfy, model_family
 
 log = logging.getLogger("subject_hypernet")
 
 
-def _trainable_copy_of_weights(module: torch.nn.Module) -> None:
+def trainable_copy_of_weights(module: torch.nn.Module) -> None:
     # Weights loaded by the executor are inference tensors, which autograd cannot save for backward.
     # Equal-valued ordinary tensors replace them (the values, and so the shared model, do not change).
     for sub in module.modules():
@@ -28,7 +28,7 @@ def _trainable_copy_of_weights(module: torch.nn.Module) -> None:
                 param.requires_grad_(False)
 
 
-def _model_conds(base_model, positive, latents: torch.Tensor, device) -> dict[str, torch.Tensor]:
+def model_conds(base_model, positive, latents: torch.Tensor, device) -> dict[str, torch.Tensor]:
     """The model inputs a prompt becomes, by ComfyUI's own ``extra_conds`` (SDXL: the pooled embedding and the size
     conditioning as ``y``), with the defaults its samplers use: the latent's pixel size, uncropped."""
     cond, options = positive[0][0], dict(positive[0][1])
@@ -38,7 +38,7 @@ def _model_conds(base_model, positive, latents: torch.Tensor, device) -> dict[st
     return {name: value.cond.detach().clone().to(device) for name, value in extra.items()}
 
 
-def _eps_denoiser(base_model, conds: dict[str, torch.Tensor], schedule: NoiseSchedule):
+def eps_denoiser(base_model, conds: dict[str, torch.Tensor], schedule: NoiseSchedule):
     """ComfyUI predicts denoised x0 from ``x0 + sigma * eps`` at noise level sigma; the loop wants eps at DDPM x_t."""
 
     def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -91,16 +91,16 @@ class RankRelaxedFinetune:
             comfy.model_management.load_models_gpu([work], force_full_load=True)
             device = work.load_device
             diffusion_model = work.model.diffusion_model
-            _trainable_copy_of_weights(diffusion_model)
+            trainable_copy_of_weights(diffusion_model)
             targets = locate_targets(diffusion_model)
             sampling = work.get_model_object("model_sampling")
             schedule = NoiseSchedule.from_sigmas(sampling.sigmas.detach().clone().float().cpu())
             config = FinetuneConfig(steps=steps, rank=rank, learning_rate=learning_rate, seed=seed)
             result = rank_relaxed_finetune(
                 targets.modules, lora.restricted_to(targets.modules).clone(), latents.detach().clone().to(device),
-                _eps_denoiser(work.model, _model_conds(work.model, positive, latents.detach().clone().to(device), device), schedule), schedule, config, on_step,
+                eps_denoiser(work.model, model_conds(work.model, positive, latents.detach().clone().to(device), device), schedule), schedule, config, on_step,
             )
-        merged = _with_text_encoder_part(result.lora, lora)
+        merged = with_text_encoder_part(result.lora, lora)
         source = getattr(subject_lora, "subject", None)
         subject = SubjectLora(
             layers=source.layers if source is not None else _layers_of(merged),
@@ -112,12 +112,12 @@ class RankRelaxedFinetune:
             token_embedding=source.token_embedding if source is not None else None,  # the word still means the subject
             placeholder=source.placeholder if source is not None else "sks",
         )
-        lora_model = lora_model_from_subject(subject)
-        new_model, _ = apply_lora_model(model, None, lora_model, 1.0, 0.0)
-        return (new_model, lora_model)
+        tuned_lora = subject_lora_for_comfy(subject)
+        new_model, _ = apply_subject_lora(model, None, tuned_lora, 1.0, 0.0)
+        return (new_model, tuned_lora)
 
 
-def _with_text_encoder_part(unet_lora: LoraWeights, original: LoraWeights) -> LoraWeights:
+def with_text_encoder_part(unet_lora: LoraWeights, original: LoraWeights) -> LoraWeights:
     # Conditioning arrives pre-encoded, so text-encoder layers are not tuned; keep their predicted values.
     down, up = {}, {}
     for name in original.names:

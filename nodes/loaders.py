@@ -7,7 +7,7 @@ import folder_paths
 from ..hypernet import load_hypernet
 from ..hypernet.files import COMFYUI_HYPERNET_NAME, MAKE_A_HYPERNET, load_compact_subject_lora, load_subject_embedding
 from ..hypernet.subject import SubjectLora
-from .comfy_bridge import CATEGORY, HYPERNET_FOLDER, SUBJECT_LORA_FOLDER, LoadedHyperNet, lora_model_from_subject
+from .comfy_bridge import CATEGORY, HYPERNET_FOLDER, SUBJECT_LORA_FOLDER, LoadedHyperNet, subject_lora_for_comfy
 
 
 class LoadSubjectHyperNet:
@@ -68,4 +68,4 @@ class LoadCompactSubjectLora:
         embedding = load_subject_embedding(path)
         subject = SubjectLora(basis.layers, lora, metadata.get("base_arch", "unknown"), trainables, basis, {"compact_file": lora_name},
                               token_embedding=None if embedding is None else embedding.vectors[0], placeholder=embedding.word if embedding else "sks")
-        return (lora_model_from_subject(subject),)
+        return (subject_lora_for_comfy(subject),)

@@ -8,7 +8,7 @@ from pathlib import Path
 import folder_paths
 
 from ..hypernet.files import save_to_free_name, write_safetensors_atomic
-from .comfy_bridge import CATEGORY, SUBJECT_LORA_FOLDER, apply_lora_model
+from .comfy_bridge import CATEGORY, SUBJECT_LORA_FOLDER, apply_subject_lora
 
 
 def _checked_prefix(prefix: str) -> str:
@@ -90,4 +90,4 @@ class ApplySubjectLora:
     CATEGORY = f"{CATEGORY}/lora"
 
     def apply(self, model, subject_lora, strength_model, clip=None, strength_clip=1.0):
-        return apply_lora_model(model, clip, subject_lora, strength_model, strength_clip if clip is not None else 0.0)
+        return apply_subject_lora(model, clip, subject_lora, strength_model, strength_clip if clip is not None else 0.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import comfy.model_management
 
 from ..hypernet import predict_subject_lora
-from .comfy_bridge import CATEGORY, apply_lora_model, check_hypernet_fits, clip_vision_features, lora_model_from_subject
+from .comfy_bridge import CATEGORY, apply_subject_lora, check_hypernet_fits, clip_vision_features, subject_lora_for_comfy
 
 
 class PredictSubjectLora:
@@ -49,6 +49,6 @@ class PredictSubjectLora:
                 subject = predict_subject_lora(hypernet.module, features, hypernet.info)
             finally:  # back to the offload device also when the prediction fails
                 hypernet.module.to(comfy.model_management.unet_offload_device())
-        lora_model = lora_model_from_subject(subject)
-        new_model, new_clip = apply_lora_model(model, clip, lora_model, strength_model, strength_clip if clip is not None else 0.0)
-        return (new_model, new_clip if clip is not None else None, lora_model)
+        subject_lora = subject_lora_for_comfy(subject)
+        new_model, new_clip = apply_subject_lora(model, clip, subject_lora, strength_model, strength_clip if clip is not None else 0.0)
+        return (new_model, new_clip if clip is not None else None, subject_lora)

@@ -11,7 +11,7 @@ from ..hypernet.words import nearest_real_word, single_token_id
 from .comfy_bridge import CATEGORY
 
 
-def _sd_tokenizer(clip):
+def sd_tokenizer(clip):
     """ComfyUI's SD1 tokenizer inside a CLIP, and the key its tokens come under; SD1.5 CLIPs only (one encoder)."""
     outer = clip.tokenizer
     inner = getattr(outer, getattr(outer, "clip", ""), None)
@@ -20,7 +20,7 @@ def _sd_tokenizer(clip):
     return inner, outer.clip_name
 
 
-def _swap_token(tokens: dict, key: str, token_id: int, replacement) -> tuple[dict, int]:
+def swap_token(tokens: dict, key: str, token_id: int, replacement) -> tuple[dict, int]:
     """The token lists with every ``token_id`` replaced (weights and word ids kept); how many were replaced."""
     count = 0
 
@@ -37,11 +37,11 @@ def _swap_token(tokens: dict, key: str, token_id: int, replacement) -> tuple[dic
 def encode_with_placeholder(clip, text: str, word: str, replacement_for) -> list:
     """CLIPTextEncode's conditioning for ``text``, with the placeholder token replaced by ``replacement_for(id, table)``
     (a vector, which ComfyUI's encoder inserts as an embedding, or another token id)."""
-    tokenizer, key = _sd_tokenizer(clip)
+    tokenizer, key = sd_tokenizer(clip)
     placeholder_id = single_token_id(tokenizer.tokenizer(word)["input_ids"][1:-1], word)
     table = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
     excluded = set(tokenizer.tokenizer.all_special_ids) | {placeholder_id}
-    tokens, count = _swap_token(clip.tokenize(text), key, placeholder_id, replacement_for(table, excluded))
+    tokens, count = swap_token(clip.tokenize(text), key, placeholder_id, replacement_for(table, excluded))
     if count == 0:
         raise HyperNetError(f"the prompt does not contain the subject's word {word!r}; write it where the subject goes, "
                             f"e.g. 'a photo of {word} dog on the beach'")

@@ -10,9 +10,9 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..hypernet.guidance import hm_cfg, sigma_in_window
+from ..hypernet.guidance import hm_cfg, sigma_in_subject_window
 from ..hypernet.runtime import attach_lora
-from .comfy_bridge import CATEGORY, check_lora_fits, lora_weights_from_lora_model, model_targets, unet_keys
+from .comfy_bridge import CATEGORY, check_lora_fits, lora_weights_of, model_targets, unet_keys
 
 IMPLEMENTATIONS = ["auto", "comfy_hooks", "batched"]
 
@@ -26,25 +26,25 @@ class HMCFGGuider(comfy.samplers.CFGGuider):
     unless another node already wraps the model function (the two cannot both wrap it), then comfy_hooks.
     """
 
-    def __init__(self, model_patcher, lora_model: dict, strength: float, implementation: str):
+    def __init__(self, model_patcher, subject_lora: dict, strength: float, implementation: str):
         super().__init__(model_patcher)
         if implementation == "auto":
             implementation = "comfy_hooks" if self.model_options.get("model_function_wrapper") is not None else "batched"
-        self.lora_model, self.strength, self.implementation = lora_model, strength, implementation
-        self.cfg_subject, self.sigma_start, self.sigma_end = 0.0, float("inf"), 0.0  # set_cfg sets the real ones
+        self.subject_lora, self.strength, self.implementation = subject_lora, strength, implementation
+        self.cfg_subject, self.subject_sigma_start, self.subject_sigma_end = 0.0, float("inf"), 0.0  # set_cfg sets the real ones
         self._unet_lora = None  # batched: the LoRA's diffusion-model part and its modules, bound at the first gated call
         self._unet_modules: dict = {}
 
     def set_conds(self, positive, negative, subject_positive):
         if self.implementation == "comfy_hooks":
-            hooks = comfy.hooks.create_hook_lora(unet_keys(self.lora_model), self.strength, 0.0)  # the subject prompt arrives encoded
+            hooks = comfy.hooks.create_hook_lora(unet_keys(self.subject_lora), self.strength, 0.0)  # the subject prompt arrives encoded
             subject_positive = comfy.hooks.set_hooks_for_conditioning(subject_positive, hooks)
         self.inner_set_conds({"positive": positive, "negative": negative, "subject": subject_positive})
 
-    def set_cfg(self, cfg_text: float, cfg_subject: float, start: float, end: float):
+    def set_cfg(self, cfg_text: float, cfg_subject: float, subject_start: float, subject_end: float):
         self.cfg, self.cfg_subject = cfg_text, cfg_subject
         sampling = self.model_patcher.get_model_object("model_sampling")
-        self.sigma_start, self.sigma_end = sampling.percent_to_sigma(start), sampling.percent_to_sigma(end)
+        self.subject_sigma_start, self.subject_sigma_end = sampling.percent_to_sigma(subject_start), sampling.percent_to_sigma(subject_end)
         if self.implementation == "batched":
             self.model_options = comfy.model_patcher.create_model_options_clone(self.model_options)
             if self.model_options.get("model_function_wrapper") is not None:
@@ -60,14 +60,14 @@ class HMCFGGuider(comfy.samplers.CFGGuider):
             return apply_model(x, args["timestep"], **args["c"])
         if self._unet_lora is None:
             targets = model_targets(self.model_patcher)
-            lora = lora_weights_from_lora_model(self.lora_model)
+            lora = lora_weights_of(self.subject_lora)
             self._unet_modules = targets.modules
             self._unet_lora = lora.restricted_to(targets.modules).to(x.device)
         with attach_lora(self._unet_modules, self._unet_lora, strength=gate):
             return apply_model(x, args["timestep"], **args["c"])
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        active = sigma_in_window(float(timestep.flatten()[0]), self.sigma_start, self.sigma_end) and self.cfg_subject != 0
+        active = sigma_in_subject_window(float(timestep.flatten()[0]), self.subject_sigma_start, self.subject_sigma_end) and self.cfg_subject != 0
         conds = [self.conds.get("negative"), self.conds.get("positive")]
         if active:
             conds.append(self.conds.get("subject"))

@@ -12,9 +12,9 @@ import comfy.utils
 from ..hypernet import NoiseSchedule, SubjectLora, TuningConfig, locate_targets, tune_subject
 from ..hypernet.errors import HyperNetError
 from ..hypernet.words import single_token_id
-from .comfy_bridge import CATEGORY, apply_lora_model, as_rgb, check_lora_fits, lora_model_from_subject
-from .finetune import _eps_denoiser, _model_conds, _trainable_copy_of_weights, _with_text_encoder_part
-from .prompt import _sd_tokenizer, _swap_token
+from .comfy_bridge import CATEGORY, apply_subject_lora, as_rgb, check_lora_fits, subject_lora_for_comfy
+from .finetune import eps_denoiser, model_conds, trainable_copy_of_weights, with_text_encoder_part
+from .prompt import sd_tokenizer, swap_token
 
 
 @contextmanager
@@ -37,9 +37,9 @@ def word_denoiser(work, clip, text: str, word: str, latents: torch.Tensor):
     ``clip`` with ``word`` as the vector (ComfyUI inserts tensors in token lists as embeddings). Also the real words of
     the CLIP's vocabulary (for the pull toward the nearest one) and the model's noise schedule.
     ``work``: a clone of the MODEL, loaded, with trainable copies of its weights; ``clip``'s weights likewise."""
-    tokenizer, key = _sd_tokenizer(clip)
+    tokenizer, key = sd_tokenizer(clip)
     placeholder_id = single_token_id(tokenizer.tokenizer(word)["input_ids"][1:-1], word)
-    if _swap_token(clip.tokenize(text), key, placeholder_id, placeholder_id)[1] == 0:
+    if swap_token(clip.tokenize(text), key, placeholder_id, placeholder_id)[1] == 0:
         raise HyperNetError(f"the prompt does not contain the subject's word {word!r}; write it where the subject goes, e.g. 'a photo of {word} toy'")
     device = work.load_device
     table = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.detach().float()
@@ -47,13 +47,13 @@ def word_denoiser(work, clip, text: str, word: str, latents: torch.Tensor):
     real[list(set(tokenizer.tokenizer.all_special_ids) | {placeholder_id})] = False
     sigmas = work.get_model_object("model_sampling").sigmas.detach().clone().float().cpu()
     schedule = NoiseSchedule.from_sigmas(sigmas)
-    conds = _model_conds(work.model, clip.encode_from_tokens_scheduled(clip.tokenize(text)), latents, device)
+    conds = model_conds(work.model, clip.encode_from_tokens_scheduled(clip.tokenize(text)), latents, device)
 
     def denoiser(x_t: torch.Tensor, t: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        tokens = _swap_token(clip.tokenize(text), key, placeholder_id, vectors[0])[0]  # one subject: one vector
+        tokens = swap_token(clip.tokenize(text), key, placeholder_id, vectors[0])[0]  # one subject: one vector
         with backward_through_inplace_residuals():
             cond = clip.encode_from_tokens(tokens).to(device)
-        return _eps_denoiser(work.model, {**conds, "c_crossattn": cond}, schedule)(x_t, t)
+        return eps_denoiser(work.model, {**conds, "c_crossattn": cond}, schedule)(x_t, t)
 
     return denoiser, table[real], schedule
 
@@ -63,9 +63,9 @@ def trainable_clone(model, clip):
     (the values, and so the inputs, do not change). Call inside ``torch.inference_mode(False)``."""
     work = model.clone()
     comfy.model_management.load_models_gpu([work], force_full_load=True)
-    _trainable_copy_of_weights(work.model.diffusion_model)
+    trainable_copy_of_weights(work.model.diffusion_model)
     clip.load_model()
-    _trainable_copy_of_weights(clip.cond_stage_model)
+    trainable_copy_of_weights(clip.cond_stage_model)
     return work
 
 
@@ -122,11 +122,11 @@ class SubjectTuning:
             result = tune_subject(targets.modules, lora.restricted_to(targets.modules).clone(), embedding.vectors[0], vocabulary, x0,
                                   denoiser, schedule, config, on_step)
         subject = SubjectLora(
-            layers=source.layers, lora=_with_text_encoder_part(result.lora, lora), base_arch=source.base_arch,
+            layers=source.layers, lora=with_text_encoder_part(result.lora, lora), base_arch=source.base_arch,
             provenance={**source.provenance, "tuning": {"steps": steps, "learning_rate": learning_rate, "nn_weight": nn_weight, "seed": seed,
                                                         "final_loss": result.losses[-1] if result.losses else None}},
             token_embedding=result.embeddings, placeholder=embedding.word,
         )
-        lora_model = lora_model_from_subject(subject)
-        new_model, _ = apply_lora_model(model, None, lora_model, 1.0, 0.0)
-        return (new_model, lora_model)
+        tuned_lora = subject_lora_for_comfy(subject)
+        new_model, _ = apply_subject_lora(model, None, tuned_lora, 1.0, 0.0)
+        return (new_model, tuned_lora)

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 
 from hypernet import BoundTargets, HyperNetwork, NoiseSchedule, attach_lora
-from hypernet.losses import delta_w_l2, denoising_loss, nearest_neighbor_contrastive_loss, params_l2, weight_space_loss
+from hypernet.losses import delta_w_l2, denoising_loss, nearest_neighbor_contrastive_loss, trainables_l2, weight_space_loss
 
 
 @dataclass
@@ -55,7 +55,7 @@ def real_word_ids(backbone, placeholder_id: int) -> torch.Tensor:
     return keep.nonzero().flatten()
 
 
-class HypernetObjective:
+class HyperNetObjective:
     """Computes the loss of one batch; holds the frozen backbone pieces and the bound target layers."""
 
     def __init__(self, backbone, unet_targets: BoundTargets, text_targets: BoundTargets | None, config, schedule: NoiseSchedule, preopt: dict | None = None):
@@ -107,14 +107,14 @@ class HypernetObjective:
         prediction = backbone.predict_noise(noisy, timesteps, conditioning, batch.time_ids)
 
         denoise = denoising_loss(prediction, noise).mean()
-        reg = (delta_w_l2(out.lora) if config.reg_target == "delta_w" else params_l2(out.params)).mean()
+        reg = (delta_w_l2(out.lora) if config.reg_target == "delta_w" else trainables_l2(out.trainables)).mean()
         loss = denoise + config.reg_weight * reg
         terms = {"denoise": denoise.detach(), "reg": reg.detach()}
         if config.weight_space_weight > 0 and self.preopt:
             known = [i for i, s in enumerate(batch.subject_ids) if s in self.preopt]
             if known:
-                targets = {n: torch.stack([self.preopt[batch.subject_ids[i]][n] for i in known]).to(device) for n in out.params}
-                ws = weight_space_loss({n: p[known] for n, p in out.params.items()}, targets).mean()
+                targets = {n: torch.stack([self.preopt[batch.subject_ids[i]][n] for i in known]).to(device) for n in out.trainables}
+                ws = weight_space_loss({n: p[known] for n, p in out.trainables.items()}, targets).mean()
                 loss = loss + config.weight_space_weight * ws
                 terms["weight_space"] = ws.detach()
         if self.embedding_override is not None and config.nn_weight > 0 and size > 1:

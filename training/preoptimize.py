@@ -25,7 +25,7 @@ from .checkpoint import step_generator
 from .config import load_config
 from .errors import InputError, TrainingError, exit_for
 from .inputs import SubjectBatches, open_backbone, open_dataset
-from .objective import HypernetObjective
+from .objective import HyperNetObjective
 
 
 class FixedSubject(nn.Module):
@@ -34,7 +34,7 @@ class FixedSubject(nn.Module):
     def __init__(self, basis: LidbBasis):
         super().__init__()
         self.basis = basis
-        self.params = nn.ParameterDict({str(i): nn.Parameter(self._init(layer)) for i, layer in enumerate(basis.layers)})
+        self.values = nn.ParameterDict({str(i): nn.Parameter(self._init(layer)) for i, layer in enumerate(basis.layers)})
 
     def _init(self, layer) -> torch.Tensor:
         # LoRA's init in LiDB coordinates: zero A_train (up), small random B_train (down)
@@ -43,12 +43,12 @@ class FixedSubject(nn.Module):
         return torch.cat([torch.zeros(a * r), torch.randn(r * b) / b**0.5])
 
     def trainables(self) -> dict[str, torch.Tensor]:
-        return {layer.name: self.params[str(i)] for i, layer in enumerate(self.basis.layers)}
+        return {layer.name: self.values[str(i)] for i, layer in enumerate(self.basis.layers)}
 
     def forward(self, features: torch.Tensor) -> HyperNetOutput:
         size = features.shape[0]
-        params = {n: p.unsqueeze(0).expand(size, -1) for n, p in self.trainables().items()}
-        return HyperNetOutput(params, self.basis.expand(params))
+        trainables = {n: p.unsqueeze(0).expand(size, -1) for n, p in self.trainables().items()}
+        return HyperNetOutput(trainables, self.basis.expand(trainables))
 
 
 def main(argv=None) -> None:
@@ -74,7 +74,7 @@ def preoptimize(config, steps: int, learning_rate: float) -> None:
     unet_targets, text_targets = backbone.targets(config.text_encoder_targets)
     layers = unet_targets.layers + (text_targets.layers if text_targets is not None else [])
     basis = LidbBasis(layers, dataclasses.replace(config.lidb_config(), learned_aux=False)).to(device)  # the targets' bases are fixed
-    objective = HypernetObjective(backbone, unet_targets, text_targets, config, backbone.noise_schedule())
+    objective = HyperNetObjective(backbone, unet_targets, text_targets, config, backbone.noise_schedule())
     for subject_index, subject in enumerate(dataset.subjects):
         torch.manual_seed(config.seed + subject_index)
         model = FixedSubject(basis).to(device)

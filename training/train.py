@@ -31,7 +31,7 @@ from .config import TrainConfig, load_config, with_native_resolution
 from .data import DataError
 from .errors import InputError, RunRefused, TrainingError, TrainingStopped, exit_for
 from .inputs import EncodedCache, SubjectBatches, open_backbone, open_dataset, open_eval_dataset, open_image_encoder, open_preview_dataset
-from .objective import HypernetObjective
+from .objective import HyperNetObjective
 from .report import write_sample_grid
 from .run_state import Interrupts, apply_optimizer_settings, check_output_dir, clear_run, read_metrics_lines, remove_leftovers
 from .validation import make_validator, run_validation
@@ -182,7 +182,7 @@ def prepare(job: Job, start_step: int) -> None:
     """accelerate takes the model; the objective, the batches, validation and the run's logs are set up."""
     config, accelerator, main_process = job.config, job.accelerator, job.main_process
     job.hypernet, job.optimizer, job.scheduler = accelerator.prepare(job.hypernet, job.optimizer, job.scheduler)
-    job.objective = HypernetObjective(job.backbone, job.unet_targets, job.text_targets, config, job.backbone.noise_schedule(),
+    job.objective = HyperNetObjective(job.backbone, job.unet_targets, job.text_targets, config, job.backbone.noise_schedule(),
                                       preopt=load_preopt(config, job.layers))
     cache = None
     if config.cache_latents or config.cache_features:

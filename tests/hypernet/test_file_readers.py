@@ -93,12 +93,12 @@ def _sweep(source: Path, folder: Path, lengths, read):
 def test_hypernetwork_reader_accepts_every_first_byte(tiny_hypernet, tmp_path):
     source = save_hypernet(tmp_path / "source" / "h.safetensors", tiny_hypernet, base_arch="sd15")
     features = torch.randn(1, SPEC.tokens, SPEC.dim, generator=torch.Generator().manual_seed(0))
-    expected = tiny_hypernet.predict(features).params
+    expected = tiny_hypernet.predict(features).trainables
     (tmp_path / "out").mkdir()
 
     def read(path):
         loaded, _ = load_hypernet(path)
-        got = loaded.predict(features).params
+        got = loaded.predict(features).trainables
         assert all(torch.equal(got[n], expected[n]) for n in expected)
 
     _sweep(source, tmp_path / "out", lengths_with_every_low_byte(source, step=3), read)

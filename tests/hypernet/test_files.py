@@ -58,7 +58,7 @@ def test_hypernet_round_trip_predicts_identically(setup):
     assert info.base_arch == "sd15" and info.provenance == {"steps": 3} and info.layers == bound.layers
     assert "expects penultimate_hidden_states (4x16) from test-encoder" in info.summary()
     a, b = hypernet.eval().predict(features()), loaded.predict(features())
-    assert all(torch.equal(a.params[n], b.params[n]) for n in bound.names)
+    assert all(torch.equal(a.trainables[n], b.trainables[n]) for n in bound.names)
     assert read_hypernet_info(path).config == hypernet.config
 
 

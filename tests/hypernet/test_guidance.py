@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hypernet.guidance import hm_cfg, hm_cfg_two, sigma_in_window, subject_term_active
+from hypernet.guidance import hm_cfg, hm_cfg_two, sigma_in_subject_window, in_subject_window
 
 
 def test_hm_cfg_against_hand_computed_values():
@@ -33,8 +33,8 @@ def test_dual_path_blend_is_the_cfg_text_one_case():
 
 
 def test_schedule_gates():
-    assert subject_term_active(0.0, 0.0, 1.0) and subject_term_active(0.5, 0.2, 0.5)
-    assert not subject_term_active(0.6, 0.2, 0.5) and not subject_term_active(0.1, 0.2, 0.5)
+    assert in_subject_window(0.0, 0.0, 1.0) and in_subject_window(0.5, 0.2, 0.5)
+    assert not in_subject_window(0.6, 0.2, 0.5) and not in_subject_window(0.1, 0.2, 0.5)
     with pytest.raises(ValueError):
-        subject_term_active(0.5, 0.6, 0.2)
-    assert sigma_in_window(5.0, 14.6, 0.03) and not sigma_in_window(0.01, 14.6, 0.03)
+        in_subject_window(0.5, 0.6, 0.2)
+    assert sigma_in_subject_window(5.0, 14.6, 0.03) and not sigma_in_subject_window(0.01, 14.6, 0.03)

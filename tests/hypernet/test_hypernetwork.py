@@ -28,7 +28,7 @@ def test_fresh_hypernetwork_predicts_zero_delta_but_learns(output):
     assert delta_w_l2(out.lora).abs().max() == 0  # a fresh hypernetwork starts at the base model
     name = bound.names[0]
     expected = 2 * (8 + 6) if output == "lidb" else 2 * (bound.layers[0].in_features + bound.layers[0].out_features)
-    assert out.params[name].shape == (2, expected)
+    assert out.trainables[name].shape == (2, expected)
     assert out.lora.up[name].shape == (2, bound.layers[0].out_features, 2)
     # gradients reach the heads through the frozen UNet despite the zero start (no saddle point)
     with attach_lora(bound.modules, out.lora):
@@ -40,19 +40,19 @@ def test_hypernetwork_learns_to_map_images_to_distinct_weights():
     hypernet, _, bound = make()
     inputs = features(2, seed=1)
     generator = torch.Generator().manual_seed(5)
-    targets = {n: torch.randn(2, p, generator=generator) * 0.3 for n, p in zip(bound.names, hypernet.param_sizes)}
+    targets = {n: torch.randn(2, p, generator=generator) * 0.3 for n, p in zip(bound.names, hypernet.trainable_sizes)}
     optimizer = torch.optim.Adam(hypernet.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):
         out = hypernet(inputs)
-        loss = sum((out.params[n] - targets[n]).square().mean() for n in bound.names)
+        loss = sum((out.trainables[n] - targets[n]).square().mean() for n in bound.names)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]
     out = hypernet(inputs)
-    assert (out.params[bound.names[0]][0] - out.params[bound.names[0]][1]).abs().max() > 0.1  # image-dependent
+    assert (out.trainables[bound.names[0]][0] - out.trainables[bound.names[0]][1]).abs().max() > 0.1  # image-dependent
 
 
 def test_several_reference_images_are_averaged():
@@ -63,8 +63,8 @@ def test_several_reference_images_are_averaged():
     refs = features(3, seed=2)
     predicted = hypernet.predict(refs)
     direct = hypernet(refs.mean(0, keepdim=True))
-    assert torch.equal(predicted.params[bound.names[5]], direct.params[bound.names[5]])
-    assert predicted.params[bound.names[5]].shape[0] == 1
+    assert torch.equal(predicted.trainables[bound.names[5]], direct.trainables[bound.names[5]])
+    assert predicted.trainables[bound.names[5]].shape[0] == 1
 
 
 def test_iterations_refine_and_token_embedding_option():
@@ -76,8 +76,8 @@ def test_iterations_refine_and_token_embedding_option():
     assert out.token_embedding.shape == (2, 16)
     one_round = HyperNetwork(HyperNetConfig(**{**hypernet.config.__dict__, "iterations": 1}), hypernet.layers)
     one_round.load_state_dict(hypernet.state_dict())
-    first = one_round(features()).params
-    assert any((first[n] - out.params[n]).abs().max() > 1e-6 for n in first)
+    first = one_round(features()).trainables
+    assert any((first[n] - out.trainables[n]).abs().max() > 1e-6 for n in first)
 
 
 def test_bad_features_are_refused_with_clear_messages():

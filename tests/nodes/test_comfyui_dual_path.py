@@ -50,7 +50,7 @@ image = core.LoadImage().load_image("subject.png")[0]
 model_s, clip_s, lora = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_PredictSubjectLora"]().predict(hypernet, clip_vision, image, model, 1.0, clip, 1.0)
 # the fixture hypernetwork predicts no word embedding: give its subject LoRA one, as a --token-embedding hypernetwork would
 vector = torch.randn(768, generator=torch.Generator().manual_seed(9)) * 0.02
-with_word = bridge.lora_model_from_subject(dataclasses.replace(lora.subject, token_embedding=vector, placeholder="sks"))
+with_word = bridge.subject_lora_for_comfy(dataclasses.replace(lora.subject, token_embedding=vector, placeholder="sks"))
 subject_pos, vanilla_pos = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_SubjectPromptEncode"]().encode(clip_s, with_word, "a photo of a sks toy on the beach", base_clip=clip)
 neg = core.CLIPTextEncode().encode(clip_s, "blurry")[0]
 long_vanilla = core.CLIPTextEncode().encode(clip, "a photo of a dog toy on the beach" + ", in bright light" * 20)[0]  # 154 tokens

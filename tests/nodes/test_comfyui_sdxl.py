@@ -97,8 +97,8 @@ pack = guider_module.__name__.rsplit(".", 2)[0]
 guidance, files = sys.modules[pack + ".hypernet.guidance"], sys.modules[pack + ".hypernet.files"]
 bridge = sys.modules[pack + ".nodes.comfy_bridge"]
 subject = bridge.SubjectLora(targets.layers, lora, "sdxl")
-lora_model = bridge.lora_model_from_subject(subject)
-model_s, clip_s = bridge.apply_lora_model(model, clip, lora_model, 1.0, 1.0)
+subject_lora = bridge.subject_lora_for_comfy(subject)
+model_s, clip_s = bridge.apply_subject_lora(model, clip, subject_lora, 1.0, 1.0)
 encode = lambda c, text: core.CLIPTextEncode().encode(c, text)[0]
 pos, neg, subj = encode(clip, "a photo of a sks toy"), encode(clip, "blurry"), encode(clip_s, "a photo of a sks toy")
 def one_evaluation(model_fn, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -115,7 +115,7 @@ base_c, base_u, subject_c = plain(model, pos, neg), plain(model, neg, neg), plai
 expected = guidance.hm_cfg(base_u, base_c, subject_c, 5.0, 2.0)
 hm = {"scale": float(expected.abs().max()), "subject_term_matters": float((expected - guidance.hm_cfg(base_u, base_c, None, 5.0, 2.0)).abs().max())}
 for implementation in ("comfy_hooks", "batched"):
-    g = guider_module.make_guider(model, lora_model, pos, neg, 5.0, 2.0, 0.0, 1.0, subject_positive=subj, implementation=implementation)
+    g = guider_module.make_guider(model, subject_lora, pos, neg, 5.0, 2.0, 0.0, 1.0, subject_positive=subj, implementation=implementation)
     hm[implementation] = float((run(g) - expected).abs().max())
 result["hmcfg"] = hm
 
@@ -144,7 +144,7 @@ with torch.no_grad():
     theirs = {"unet": model.model.diffusion_model(x, timesteps=t, context=context, y=y).float()}
     cond, theirs_pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
     theirs.update(text=cond.float(), pooled=theirs_pooled.float(), latent=model.model.process_latent_in(vae.encode(pixels)).float())
-del model, clip, vae, model_s, clip_s, encoders, targets, lora_model, subject
+del model, clip, vae, model_s, clip_s, encoders, targets, subject_lora, subject
 comfy.model_management.unload_all_models()
 gc.collect()
 from training.backbone import load_backbone

@@ -318,7 +318,7 @@ from training.sampling import _encode as trainer_encode
 pack = guider_module.__name__.rsplit(".", 2)[0]
 bridge = sys.modules[pack + ".nodes.comfy_bridge"]
 vector = torch.randn(768, generator=torch.Generator().manual_seed(9)) * 0.02
-with_word = bridge.lora_model_from_subject(dataclasses.replace(lora.subject, token_embedding=vector, placeholder="sks"))
+with_word = bridge.subject_lora_for_comfy(dataclasses.replace(lora.subject, token_embedding=vector, placeholder="sks"))
 prompt_node = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_SubjectPromptEncode"]()
 text = "a photo of a sks toy on a red background"
 subject_cond, base_cond = prompt_node.encode(clip_s, with_word, text, base_clip=clip)

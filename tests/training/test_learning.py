@@ -13,7 +13,7 @@ import torch
 from hypernet import HyperNetwork, load_hypernet, locate_targets
 from training.config import PRESETS, TrainConfig
 from training.inputs import SubjectBatches, open_backbone, open_dataset, open_image_encoder
-from training.objective import Batch, HypernetObjective
+from training.objective import Batch, HyperNetObjective
 
 
 def tiny_config(tmp_path: Path, **overrides) -> TrainConfig:
@@ -30,7 +30,7 @@ def world_of(config: TrainConfig, out: Path):
     return backbone, unet_targets, text_targets, schedule
 
 
-def fixed_losses(objective: HypernetObjective, model, batch: Batch, draws: int = 12) -> list[float]:
+def fixed_losses(objective: HyperNetObjective, model, batch: Batch, draws: int = 12) -> list[float]:
     """Per-draw mean denoising loss, each draw with its own fixed noise and timesteps (the same for every model)."""
     losses = []
     with torch.no_grad():
@@ -60,7 +60,7 @@ def test_a_few_dozen_steps_lower_the_subjects_loss_and_give_each_subject_its_own
     dataset = open_dataset(config, tmp_path)
     encoder = open_image_encoder(config, "cpu")
     backbone, unet_targets, text_targets, schedule = world_of(config, tmp_path)
-    objective = HypernetObjective(backbone, unet_targets, text_targets, config, schedule)
+    objective = HyperNetObjective(backbone, unet_targets, text_targets, config, schedule)
     samples = [dataset.get(2 * i, torch.Generator().manual_seed(i)) for i in range(len(dataset.subjects))]  # one image of each subject
     assert len({s.subject_id for s in samples}) == 4
     batch = SubjectBatches.assemble(samples, encoder, config, "cpu")
@@ -105,8 +105,8 @@ def terms_and_grads(world, **overrides) -> tuple[dict, dict[str, torch.Tensor | 
     config = TrainConfig(**{**config.to_dict(), **overrides})
     preopt = {}
     if config.weight_space_weight > 0:
-        preopt = {sid: {l.name: torch.full((size,), 0.1) for l, size in zip(hypernet.layers, hypernet.param_sizes)} for sid in batch.subject_ids}
-    objective = HypernetObjective(backbone, unet_targets, text_targets, config, schedule, preopt=preopt)
+        preopt = {sid: {l.name: torch.full((size,), 0.1) for l, size in zip(hypernet.layers, hypernet.trainable_sizes)} for sid in batch.subject_ids}
+    objective = HyperNetObjective(backbone, unet_targets, text_targets, config, schedule, preopt=preopt)
     hypernet.zero_grad(set_to_none=True)
     with objective.step(hypernet, batch, torch.Generator().manual_seed(0)) as terms:
         terms["loss"].backward()
