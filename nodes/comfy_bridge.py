@@ -14,10 +14,10 @@ import comfy.model_management
 import comfy.sd
 import folder_paths
 
-from ..hypernet import FeatureError, HyperNetInfo, HyperNetwork, SubjectLora, TargetMismatchError, locate_targets
-from ..hypernet.files import kohya_to_lora, lora_to_kohya
-from ..hypernet.lora import LoraWeights
-from ..hypernet.targets import (UNET_COMPONENT, BoundTargets, TargetLayer, base_family, describe_mismatch, family_name, family_of_layers,
+from hypernet import FeatureError, HyperNetInfo, HyperNetwork, SubjectLora, TargetMismatchError, locate_targets
+from hypernet.files import kohya_to_lora, lora_to_kohya
+from hypernet.lora import LoraWeights
+from hypernet.targets import (UNET_COMPONENT, BoundTargets, TargetLayer, base_family, describe_mismatch, family_name, family_of_layers,
                                 layer_component, unet_naming_for)
 
 log = logging.getLogger("subject_hypernet")

@@ -18,9 +18,9 @@ import logging
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import CrossAttention
 
-from ..hypernet.dual_path import attach_dual_path, vanilla_context
-from ..hypernet.errors import HyperNetError
-from ..hypernet.runtime import attach_lora
+from hypernet.dual_path import attach_dual_path, vanilla_context
+from hypernet.errors import HyperNetError
+from hypernet.runtime import attach_lora
 from .comfy_bridge import CATEGORY, check_lora_fits, model_targets
 
 log = logging.getLogger("subject_hypernet")

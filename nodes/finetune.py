@@ -9,9 +9,9 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from ..hypernet import FinetuneConfig, NoiseSchedule, SubjectLora, locate_targets, rank_relaxed_finetune
-from ..hypernet.lora import LoraWeights
-from ..hypernet.schedule import eps_from_denoised
+from hypernet import FinetuneConfig, NoiseSchedule, SubjectLora, locate_targets, rank_relaxed_finetune
+from hypernet.lora import LoraWeights
+from hypernet.schedule import eps_from_denoised
 from .comfy_bridge import CATEGORY, apply_subject_lora, as_rgb, check_lora_fits, subject_lora_for_comfy, model_family
 
 log = logging.getLogger("subject_hypernet")
@@ -127,6 +127,6 @@ def with_text_encoder_part(unet_lora: LoraWeights, original: LoraWeights) -> Lor
 
 
 def _layers_of(lora: LoraWeights):
-    from ..hypernet.targets import TargetLayer
+    from hypernet.targets import TargetLayer
 
     return [TargetLayer(n, lora.down[n].shape[-1], lora.up[n].shape[-2]) for n in lora.names]

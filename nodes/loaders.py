@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import folder_paths
 
-from ..hypernet import load_hypernet
-from ..hypernet.files import COMFYUI_HYPERNET_NAME, MAKE_A_HYPERNET, load_compact_subject_lora, load_subject_embedding
-from ..hypernet.subject import SubjectLora
+from hypernet import load_hypernet
+from hypernet.files import COMFYUI_HYPERNET_NAME, MAKE_A_HYPERNET, load_compact_subject_lora, load_subject_embedding
+from hypernet.subject import SubjectLora
 from .comfy_bridge import CATEGORY, HYPERNET_FOLDER, SUBJECT_LORA_FOLDER, LoadedHyperNet, subject_lora_for_comfy
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import folder_paths
 
-from ..hypernet.files import save_to_free_name, write_safetensors_atomic
+from hypernet.files import save_to_free_name, write_safetensors_atomic
 from .comfy_bridge import CATEGORY, SUBJECT_LORA_FOLDER, apply_subject_lora
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import comfy.model_management
 
-from ..hypernet import predict_subject_lora
+from hypernet import predict_subject_lora
 from .comfy_bridge import CATEGORY, apply_subject_lora, check_hypernet_fits, clip_vision_features, subject_lora_for_comfy
 
 

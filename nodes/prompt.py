@@ -6,8 +6,8 @@ import numbers
 
 import torch
 
-from ..hypernet.errors import HyperNetError
-from ..hypernet.words import nearest_real_word, single_token_id
+from hypernet.errors import HyperNetError
+from hypernet.words import nearest_real_word, single_token_id
 from .comfy_bridge import CATEGORY
 
 

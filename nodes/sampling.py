@@ -10,8 +10,8 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..hypernet.guidance import hm_cfg, sigma_in_subject_window
-from ..hypernet.runtime import attach_lora
+from hypernet.guidance import hm_cfg, sigma_in_subject_window
+from hypernet.runtime import attach_lora
 from .comfy_bridge import CATEGORY, check_lora_fits, lora_weights_of, model_targets, unet_keys
 
 IMPLEMENTATIONS = ["auto", "comfy_hooks", "batched"]

@@ -9,9 +9,9 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from ..hypernet import NoiseSchedule, SubjectLora, TuningConfig, locate_targets, tune_subject
-from ..hypernet.errors import HyperNetError
-from ..hypernet.words import single_token_id
+from hypernet import NoiseSchedule, SubjectLora, TuningConfig, locate_targets, tune_subject
+from hypernet.errors import HyperNetError
+from hypernet.words import single_token_id
 from .comfy_bridge import CATEGORY, apply_subject_lora, as_rgb, check_lora_fits, subject_lora_for_comfy
 from .finetune import eps_denoiser, model_conds, trainable_copy_of_weights, with_text_encoder_part
 from .prompt import sd_tokenizer, swap_token

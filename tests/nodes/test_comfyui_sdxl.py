@@ -94,7 +94,8 @@ gc.collect()
 # 2. HM-CFG on SDXL: both implementations equal the formula on three separately computed predictions
 guider_module = sys.modules[core.NODE_CLASS_MAPPINGS["SubjectHyperNet_HMCFGGuider"].__module__]
 pack = guider_module.__name__.rsplit(".", 2)[0]
-guidance, files = sys.modules[pack + ".hypernet.guidance"], sys.modules[pack + ".hypernet.files"]
+import hypernet.files as files
+import hypernet.guidance as guidance
 bridge = sys.modules[pack + ".nodes.comfy_bridge"]
 subject = bridge.SubjectLora(targets.layers, lora, "sdxl")
 subject_lora = bridge.subject_lora_for_comfy(subject)

@@ -166,6 +166,12 @@ def test_finetune_shows_progress(comfy_run):
     assert [v for v, total in comfy_run["results"][FINETUNE]["progress"] if total == 3] == [1, 2, 3]
 
 
+def test_the_nodes_and_the_trainer_share_one_copy_of_the_core(comfy_run):
+    # the pack registers its core as 'hypernet', the name training and the tests import, so one process holds one copy
+    core_modules = comfy_run["report"]["code_result"]["core_modules"]
+    assert core_modules == {"copies_under_the_pack": [], "one_subject_lora_class": True}
+
+
 def test_normal_runs_keep_the_console_free_of_unloaded_lora_keys(comfy_run):
     # e.g. the finetune without a CLIP input once printed one 'lora key not loaded' line per text-encoder layer
     assert "lora key not loaded" not in comfy_run["report"]["log"]
@@ -211,7 +217,10 @@ result["clip_vision_max_abs_diff"] = {k: float((ours.features(image, k) - (their
 # HM-CFG: the guider's denoised output at one (x, sigma) vs the pure formula on three separately computed predictions
 import nodes as core
 guider_module = sys.modules[core.NODE_CLASS_MAPPINGS["SubjectHyperNet_HMCFGGuider"].__module__]
-guidance = sys.modules[guider_module.__name__.rsplit(".", 2)[0] + ".hypernet.guidance"]
+import hypernet.guidance as guidance
+bridge_module = sys.modules[guider_module.__name__.rsplit(".", 1)[0] + ".comfy_bridge"]
+result["core_modules"] = {"copies_under_the_pack": sorted(k for k in sys.modules if k.endswith(".hypernet") or ".hypernet." in k),
+                          "one_subject_lora_class": bridge_module.SubjectLora is sys.modules["hypernet"].SubjectLora}
 model, clip, vae = core.CheckpointLoaderSimple().load_checkpoint("v1-5-pruned-emaonly.safetensors")[:3]
 hypernet = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_LoadHyperNet"]().load("subject_hypernet_sd15.safetensors")["result"][0]
 clip_vision = core.CLIPVisionLoader().load_clip("CLIP-ViT-L-14.safetensors")[0]
