@@ -30,6 +30,7 @@ import torch
 
 from hypernet import load_hypernet
 from training.config import PRESETS, TrainConfig
+from training.errors import TrainingError, exit_for
 from training.sampling import image_grid, to_pil
 from training.synthetic import SyntheticWorld, write_synthetic_dataset
 
@@ -267,7 +268,10 @@ def main(argv=None) -> None:
     if args.preopt_subjects is not None:
         plan.preopt_subjects = args.preopt_subjects
     plan = apply_overrides(plan, args.set, parser)
-    run_study(plan, Path(args.out), docs, args.quick)
+    try:
+        run_study(plan, Path(args.out), docs, args.quick)
+    except TrainingError as error:  # a stage's training run refused or stopped: its message, not a traceback
+        raise exit_for(error, "python -m experiments.study") from None
 
 
 if __name__ == "__main__":
