@@ -122,7 +122,7 @@ result["hmcfg"] = hm
 
 # 3. models of other families (SD3, Flux, the refiner, SD2: their config classes, no weights needed) are refused by name
 import types, comfy.supported_models as supported
-stub = types.SimpleNamespace(layers=targets.layers, info=types.SimpleNamespace(base_arch="sdxl"))
+stub = types.SimpleNamespace(module=types.SimpleNamespace(layers=targets.layers), info=types.SimpleNamespace(base_arch="sdxl"))  # a LoadedHyperNet
 result["foreign"] = {}
 for config_class in (supported.SD3, supported.Flux, supported.SDXLRefiner, supported.SD20):
     try:
