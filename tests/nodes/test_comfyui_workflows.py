@@ -173,8 +173,12 @@ def test_the_nodes_and_the_trainer_share_one_copy_of_the_core(comfy_run):
 
 
 def test_normal_runs_keep_the_console_free_of_unloaded_lora_keys(comfy_run):
-    # e.g. the finetune without a CLIP input once printed one 'lora key not loaded' line per text-encoder layer
-    assert "lora key not loaded" not in comfy_run["report"]["log"]
+    # e.g. the finetune without a CLIP input once printed one 'lora key not loaded' line per text-encoder layer. The one
+    # line allowed: ComfyUI's own Load LoRA (the 'core_lora' run) on a saved file naming the bundled word embedding, A1111's
+    # key that the core loader does not read (the embedding reaches core prompts as embedding:<name>)
+    unloaded = [line for line in comfy_run["report"]["log"].splitlines() if "lora key not loaded" in line]
+    assert all(line.endswith("lora key not loaded: bundle_emb.sks.string_to_param.*") for line in unloaded), unloaded
+    assert len(unloaded) <= 1, unloaded
 
 
 def test_subject_tuning_shows_progress_and_its_hypernetwork_says_it_predicts_a_word_embedding(comfy_run):
