@@ -64,6 +64,7 @@ class Plan:
     preopt_subjects: int = 48
     preopt_steps: int = 80
     preopt_batch: int = 2  # images per step: each subject has only 4, and 8 (the recipe's batch) costs 4x the time
+    preopt_group: int = 8  # subjects pre-optimised together in one batch (each on its own images)
     nn_weight: float = 0.1
     dual_alpha: float = 0.5  # dual-path blending's adapted share, for the word-embedding variants
     tuning_steps: int = 12  # the tuning encoder's few-step tuning of embedding + LoRA (hypernet.tuning defaults)
@@ -138,12 +139,13 @@ def preoptimise(plan: Plan, world: World, data: Path, out: Path, timer: Timer) -
         if not link.exists():
             link.symlink_to(subject_dir.resolve(), target_is_directory=True)
     config = hypernet_config(plan, world, subset, out / "preopt_run", batch_size=plan.preopt_batch)
-    args = [f"--preopt-steps={plan.preopt_steps}", f"--preopt-dir={folder}"]
+    args = [f"--preopt-steps={plan.preopt_steps}", f"--preopt-dir={folder}", f"--preopt-group={plan.preopt_group}"]
     for key, value in asdict(config).items():
         if key in ("preopt_dir", "resume"):
             continue
         args.append(f"--{key.replace('_', '-')}={value}")
-    log(f"pre-optimising {plan.preopt_subjects} subjects x {plan.preopt_steps} steps of {plan.preopt_batch} images for the weight-space loss")
+    log(f"pre-optimising {plan.preopt_subjects} subjects x {plan.preopt_steps} steps of {plan.preopt_batch} images, {plan.preopt_group} subjects per batch, "
+        "for the weight-space loss")
     with timer("preoptimise"):
         preoptimize_main(args)
     (folder / ".complete").write_text("ok\n")

@@ -250,6 +250,50 @@ def test_preoptimize_writes_one_file_per_subject_even_when_stems_collide(tmp_pat
     assert sorted(p.name for p in (tmp_path / "preopt").iterdir()) == ["a.jpg.compact.safetensors", "a.png.compact.safetensors"]
 
 
+def test_preoptimized_subjects_in_one_group_each_train_only_on_their_own_images():
+    import torch
+
+    from hypernet import LidbBasis, LidbConfig
+    from hypernet.targets import TargetLayer
+    from training.preoptimize import FixedSubjects
+
+    layers = [TargetLayer("lora_unet_a", 8, 6), TargetLayer("lora_unet_b", 4, 4)]
+    model = FixedSubjects(LidbBasis(layers, LidbConfig(rank=1, a=4, b=3, seed=0)), 3)
+    with torch.no_grad():
+        for value in model.values.values():
+            value.normal_()
+    model.rows = torch.tensor([0, 0, 2, 2, 1, 1])
+    out = model(None)
+    for name, per_sample in out.trainables.items():
+        own = torch.stack([model.trainables(int(row))[name] for row in model.rows])
+        assert torch.equal(per_sample, own)
+    # a loss on subject 2's images only moves subject 2's trainables
+    sum(lora.square().sum() for lora in (out.lora.up["lora_unet_a"][2:4], out.lora.down["lora_unet_b"][2:4])).backward()
+    for value in model.values.values():
+        assert value.grad[2].abs().sum() > 0 and value.grad[[0, 1]].abs().sum() == 0
+
+
+def test_preoptimize_in_groups_trains_every_subject_of_every_group(tmp_path):
+    from hypernet.files import load_compact_subject_lora
+    from training import preoptimize
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255), (0, 200, 0)]):
+        write_image(data / f"s{i}.png", (64, 64), colour=colour)
+    preoptimize.main(["--preopt-steps", "3", "--preopt-group", "2", "--preset", "tiny", "--data", str(data), "--batch-size", "1",
+                      "--preopt-dir", str(tmp_path / "preopt"), "--output-dir", str(tmp_path / "run")])
+    files = sorted((tmp_path / "preopt").iterdir())
+    assert [p.name for p in files] == [f"s{i}.compact.safetensors" for i in range(3)]  # groups of 2 and 1
+    ups = []
+    for path in files:
+        trainables, basis, _ = load_compact_subject_lora(path)
+        a = {layer.name: basis.config.layer_dims(layer)[0] * basis.config.rank for layer in basis.layers}
+        ups.append(torch.cat([value[: a[name]] for name, value in trainables.items()]))
+    assert all(up.abs().max() > 0 for up in ups)  # the up factors start at zero: every subject was optimised
+    assert (ups[0] - ups[1]).abs().max() > 0  # group mates are not tied together
+
+
 COMFY_LOAD_IMAGE = """
 import sys
 root, folder, output = sys.argv[1:4]
