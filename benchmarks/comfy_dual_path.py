@@ -21,22 +21,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts"), str(REPO / "benchmarks")]
 
 import _clock as clock  # noqa: E402
-from comfy_sampling import prepare_models  # noqa: E402
+from comfy_sampling import LOAD_MODELS, prepare_models  # noqa: E402
 
 from testkit.comfyui.harness import run_in_comfyui  # noqa: E402
 from get_comfyui import ensure_comfyui  # noqa: E402
 
-CODE = r"""
-import statistics, time, torch
-import nodes as core, comfy.model_management, comfy.sample
-cfg = spec["bench"]
+CODE = LOAD_MODELS + r"""
+import statistics, time
+import comfy.model_management, comfy.sample
 clock = time.process_time if cfg["cpu_clock"] else time.perf_counter  # see benchmarks/_clock.py
-model, clip, vae = core.CheckpointLoaderSimple().load_checkpoint(cfg["ckpt"])[:3]
-hypernet = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_LoadHyperNet"]().load(cfg["hypernet"])["result"][0]
-clip_vision = core.CLIPVisionLoader().load_clip(cfg["clip_vision"])[0]
 image = torch.rand(1, 224, 224, 3, generator=torch.Generator().manual_seed(0))
-model_s, clip_s, lora = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_PredictSubjectLora"]().predict(hypernet, clip_vision, image, model, 1.0, clip, 1.0)
-encode = lambda c, text: core.CLIPTextEncode().encode(c, text)[0]
+model_s, clip_s, lora = predict.predict(hypernet, clip_vision, image, model, 1.0, clip, 1.0)
 subject, vanilla, neg = encode(clip_s, "a photo of a sks toy on the beach"), encode(clip, "a photo of a dog toy on the beach"), encode(clip_s, "blurry")
 dual = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_SubjectDualPath"]()
 latent = torch.zeros(1, 4, cfg["resolution"] // 8, cfg["resolution"] // 8)

@@ -84,22 +84,29 @@ with safe_open(sys.argv[3], "pt") as small:
 save_file(state, out)
 """
 
-CODE = r"""
-import time, statistics, resource, torch, sys
-import nodes as core, comfy.samplers, comfy.model_management
+# How every benchmark run inside ComfyUI starts (this one, comfy_dual_path.py, profile_hmcfg.py): the models
+# prepare_models wrote, loaded through the core nodes and the pack's own.
+LOAD_MODELS = r"""
+import torch
+import nodes as core
 cfg = spec["bench"]
-clock = time.process_time if cfg["cpu_clock"] else time.perf_counter  # see benchmarks/_clock.py
 model, clip, vae = core.CheckpointLoaderSimple().load_checkpoint(cfg["ckpt"])[:3]
 hypernet = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_LoadHyperNet"]().load(cfg["hypernet"])["result"][0]
 clip_vision = core.CLIPVisionLoader().load_clip(cfg["clip_vision"])[0]
-image = torch.rand(1, 512, 512, 3, generator=torch.Generator().manual_seed(0))
 predict = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_PredictSubjectLora"]()
+encode = lambda c, text: core.CLIPTextEncode().encode(c, text)[0]
+"""
+
+CODE = LOAD_MODELS + r"""
+import time, statistics, resource, sys
+import comfy.samplers, comfy.model_management
+clock = time.process_time if cfg["cpu_clock"] else time.perf_counter  # see benchmarks/_clock.py
+image = torch.rand(1, 512, 512, 3, generator=torch.Generator().manual_seed(0))
 predict.predict(hypernet, clip_vision, image, model, 1.0, clip, 1.0)  # warm-up
 t = []
 for _ in range(5):
     start = clock(); model_s, clip_s, lora = predict.predict(hypernet, clip_vision, image, model, 1.0, clip, 1.0); t.append(clock() - start)
 predict_s = statistics.median(t)
-encode = lambda c, text: core.CLIPTextEncode().encode(c, text)[0]
 pos, neg, subj = encode(clip, "a photo of a sks toy"), encode(clip, "blurry"), encode(clip_s, "a photo of a sks toy")
 latent = core.EmptyLatentImage().generate(cfg["resolution"], cfg["resolution"], 1)[0]
 steps = cfg["steps"]

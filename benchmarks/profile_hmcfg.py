@@ -19,20 +19,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts"), str(REPO / "benchmarks")]
 
-from comfy_sampling import prepare_models  # noqa: E402
+from comfy_sampling import LOAD_MODELS, prepare_models  # noqa: E402
 from testkit.comfyui.harness import run_in_comfyui  # noqa: E402
 from get_comfyui import ensure_comfyui  # noqa: E402
 
-CODE = r"""
-import cProfile, pstats, time, torch
-import nodes as core
-cfg = spec["bench"]
-model, clip, vae = core.CheckpointLoaderSimple().load_checkpoint(cfg["ckpt"])[:3]
-hypernet = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_LoadHyperNet"]().load(cfg["hypernet"])["result"][0]
-clip_vision = core.CLIPVisionLoader().load_clip(cfg["clip_vision"])[0]
+CODE = LOAD_MODELS + r"""
+import cProfile, pstats, time
 image = torch.rand(1, 224, 224, 3, generator=torch.Generator().manual_seed(0))
-model_s, clip_s, lora = core.NODE_CLASS_MAPPINGS["SubjectHyperNet_PredictSubjectLora"]().predict(hypernet, clip_vision, image, model, 1.0, clip, 1.0)
-encode = lambda c, text: core.CLIPTextEncode().encode(c, text)[0]
+model_s, clip_s, lora = predict.predict(hypernet, clip_vision, image, model, 1.0, clip, 1.0)
 pos, neg, subj = encode(clip, "a photo of a sks toy"), encode(clip, "blurry"), encode(clip_s, "a photo of a sks toy")
 latent = core.EmptyLatentImage().generate(cfg["resolution"], cfg["resolution"], 1)[0]
 steps = cfg["steps"]
