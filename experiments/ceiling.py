@@ -3,6 +3,7 @@
 LoRA and the ground-truth renders' VAE round trips, on the study's held-out subjects and prompts.
 
     python -m experiments.ceiling --hypernet runs/study/hypernets/hypernet/hypernet.safetensors --out docs/study_ceiling.json
+    python -m experiments.ceiling --world runs/toy_world --out runs/toy_world/ceiling.json     # a new world, before shipping it
 
 Per attribute, the share of images whose reading equals the subject's value (chance: 1/8 shape, 1/8 colours,
 1/4 pattern, 1/4 marking): which parts of an identity the model cannot draw even when told, and which the LoRA adds.
@@ -38,7 +39,7 @@ def per_attribute(evaluator: Evaluator, cases, images: torch.Tensor) -> dict[str
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hypernet", required=True, help="a hypernetwork trained by the study (its main recipe)")
+    parser.add_argument("--hypernet", help="a hypernetwork trained by the study (its main recipe); without it, the base model only")
     parser.add_argument("--world", default="toy")
     parser.add_argument("--cfg", type=float, nargs="*", default=[2.0, 5.0, 8.0, 12.0], help="guidance scales for the described prompts")
     parser.add_argument("--out", default="docs/study_ceiling.json")
@@ -56,9 +57,10 @@ def main(argv=None) -> None:
         print(f"[ceiling] described, cfg {cfg:g}: {rows[f'described, cfg {cfg:g}']}", flush=True)
     evaluator = Evaluator(world, plan.sample_steps, plan.cfg_text, 64)
     rows[f"base model (sks), cfg {plan.cfg_text:g}"] = per_attribute(evaluator, cases, evaluator.generate(cases, None, "base", 0))
-    hypernet, info = load_hypernet(args.hypernet)
-    loras, _ = evaluator.predict(hypernet, cases, info.config.features.hidden_state)
-    rows[f"hypernet, cfg {plan.cfg_text:g}"] = per_attribute(evaluator, cases, evaluator.generate(cases, loras, "lora", 0))
+    if args.hypernet:
+        hypernet, info = load_hypernet(args.hypernet)
+        loras, _ = evaluator.predict(hypernet, cases, info.config.features.hidden_state)
+        rows[f"hypernet, cfg {plan.cfg_text:g}"] = per_attribute(evaluator, cases, evaluator.generate(cases, loras, "lora", 0))
     references = torch.cat([c.reference for c in cases]).permute(0, 3, 1, 2) * 2 - 1
     with torch.no_grad():
         round_trips = world.backbone.decode_latents(world.backbone.encode_images(references)).float().clamp(-1, 1)

@@ -199,7 +199,8 @@ def write_report(results: dict, out: Path, docs: Path, quick: bool, images_from_
     if pretrain.exists():
         record = json.loads(pretrain.read_text())
         pretrain_note = (f"Pretraining the world (`python -m experiments.pretrain`, run once, shipped): {record['total_minutes']} min on "
-                         f"{record['machine']} ({', '.join(f'{k[:-2]} {v / 60:.0f} min' for k, v in record['timings_s'].items())}).")
+                         f"{record['machine']} ({', '.join(f'{k[:-2]} {v / 60:.0f} min' for k, v in record['timings_s'].items())})."
+                         + (f" {record['note']}" if record.get("note") else ""))
     text = f"""# Toy-world study{' (QUICK MODE: pipeline check, numbers are meaningless)' if quick else ''}
 
 Does a predicted LoRA make the model draw *this* subject? Measured on a toy world small enough for a CPU.
@@ -210,8 +211,8 @@ Regenerate: `python -m experiments.study --out runs/study` ({summary['minutes']}
 Subjects are procedural toys whose identity is (shape, primary colour, secondary colour, pattern, marking): 7,168
 identities, split 80/20 into training and held-out subjects, shown in contexts (background, position, scale). Every identity
 attribute stays visible at 64 px: the primary colour covers most of the object and every pattern shows the secondary
-colour as a minority. The base model (SD1.5 family, tiny: VAE to 16x16x4 latents, UNet, the toy CLIP's text tower) was
-pretrained on training-split subjects with captions that describe the identity in words half of the time ("a photo of a red
+colour as a minority. The base model (SD1.5 family, tiny: a VAE to 16x16x4 latents whose first three channels are held to
+the 4x4-pooled colour, as SD's latents roughly carry colour; a UNet; the toy CLIP's text tower) was pretrained on training-split subjects with captions that describe the identity in words half of the time ("a photo of a red
 and blue striped star toy with a dot marking on a sand background, on the left, small"), some of the identity a quarter of
 the time, and only the class otherwise ("a photo of a toy on ..."): like Stable Diffusion, it can draw what words describe,
 and personalisation has to bind the rare token "sks" to one identity inside that ability. The hypernetwork's frozen image

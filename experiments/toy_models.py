@@ -46,8 +46,11 @@ class Sizes:
 
     resolution: int = 64
     pool_images: int = 48000
-    vae_steps: int = 2000  # MSE, lr 1e-3
-    vae_refine_steps: int = 3000  # then L1 + MSE at lr 5e-4: sharper edges, markings and patterns
+    vae_steps: int = 2400  # MSE on the posterior mean, lr 1e-3
+    vae_refine_steps: int = 1200  # then L1 + MSE on posterior samples at lr 5e-4: sharper edges, robust to latent noise
+    vae_batch: int = 8  # small batches: 3x less time per unit of reconstruction loss than 32 here
+    vae_norm_groups: int = 1  # a group per channel would normalise each image's colours away in every block
+    vae_colour_anchor: float = 1.0  # latent channels 0-2 are pulled toward the 4x4-pooled RGB (see train_vae)
     clip_steps: int = 3000
     unet_steps: int = 12000
     reader_steps: int = 3000
@@ -125,13 +128,23 @@ def new_vae(sizes: Sizes):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return ones_for_norms(AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=sizes.vae_channels, layers_per_block=1,
+    vae = ones_for_norms(AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=sizes.vae_channels, layers_per_block=1,
                                          down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                                         norm_num_groups=16, sample_size=sizes.resolution))
+                                         norm_num_groups=sizes.vae_norm_groups, sample_size=sizes.resolution))
+    with torch.no_grad():  # posterior std e^-6 from the start: latent samples (diffusers' img2img draws them) stay near the mean
+        vae.quant_conv.weight[vae.config.latent_channels :].zero_()
+        vae.quant_conv.bias[vae.config.latent_channels :].fill_(-12.0)
+    return vae
 
 
-def train_vae(vae, pool: RenderPool, steps: int, batch: int, learning_rate: float, l1: bool, generator: torch.Generator, name: str):
-    """Reconstruction training (MSE, or L1 + MSE), then the scaling factor that gives latents unit variance."""
+def train_vae(vae, pool: RenderPool, steps: int, batch: int, learning_rate: float, refine: bool, colour_anchor: float, generator: torch.Generator, name: str):
+    """Reconstruction training, then the scaling factor that gives latents unit variance.
+
+    First stage: MSE through the posterior mean; ``refine``: L1 + MSE through posterior samples. ``colour_anchor``
+    weighs a pull of latent channels 0-2 toward the image's 4x4 average-pooled RGB: with it the latents carry
+    colour directly (as SD's do, roughly), the decoder learns in a few hundred steps what it otherwise misses
+    for thousands (reconstruction MSE 0.018 vs 0.06 after 600 steps), and the UNet's latents mean colours.
+    """
     vae.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate)
     schedule = warmup_cosine(optimizer, steps)
@@ -139,8 +152,10 @@ def train_vae(vae, pool: RenderPool, steps: int, batch: int, learning_rate: floa
     for step in range(steps):
         pixels = pool.floats(torch.randint(0, len(pool), (batch,), generator=generator))
         posterior = vae.encode(pixels).latent_dist
-        reconstruction = vae.decode(posterior.sample()).sample
-        loss = F.mse_loss(reconstruction, pixels) + (F.l1_loss(reconstruction, pixels) if l1 else 0) + 1e-6 * posterior.kl().mean()
+        reconstruction = vae.decode(posterior.sample() if refine else posterior.mode()).sample
+        loss = F.mse_loss(reconstruction, pixels) + (F.l1_loss(reconstruction, pixels) if refine else 0) + 1e-6 * posterior.kl().mean()
+        if colour_anchor:
+            loss = loss + colour_anchor * F.mse_loss(posterior.mean[:, :3], F.avg_pool2d(pixels, pixels.shape[-1] // posterior.mean.shape[-1]))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -301,9 +316,9 @@ def pretrain_toy_world(out: Path, sizes: Sizes, seed: int = 0) -> dict:
     pool = RenderPool.cached(pool_path, world, [], 0, sizes.resolution, seed)
     base = out / "base"
     stage("vae", (out / "vae_stage1").exists() or (base / "vae").exists(),
-          lambda: train_vae(new_vae(sizes), pool, sizes.vae_steps, sizes.batch, 1e-3, False, generator(1), "vae").save_pretrained(out / "vae_stage1"))
+          lambda: train_vae(new_vae(sizes), pool, sizes.vae_steps, sizes.vae_batch, 1e-3, False, sizes.vae_colour_anchor, generator(1), "vae").save_pretrained(out / "vae_stage1"))
     stage("vae_refine", (base / "vae").exists(), lambda: train_vae(AutoencoderKL.from_pretrained(out / "vae_stage1", local_files_only=True), pool,
-                                                                   sizes.vae_refine_steps, sizes.batch, 5e-4, True, generator(4), "vae refine").save_pretrained(base / "vae"))
+                                                                   sizes.vae_refine_steps, sizes.vae_batch, 5e-4, True, sizes.vae_colour_anchor, generator(4), "vae refine").save_pretrained(base / "vae"))
     vae = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True).eval().requires_grad_(False)
     latents_path = out / "latents.pt"
     stage("encode", latents_path.exists(), lambda: torch.save(encode_pool(vae, pool), latents_path))
