@@ -315,10 +315,14 @@ def pretrain_toy_world(out: Path, sizes: Sizes, seed: int = 0) -> dict:
     stage("render", pool_path.exists(), lambda: RenderPool.cached(pool_path, world, world.subjects(None, "train"), sizes.pool_images, sizes.resolution, seed))
     pool = RenderPool.cached(pool_path, world, [], 0, sizes.resolution, seed)
     base = out / "base"
-    stage("vae", (out / "vae_stage1").exists() or (base / "vae").exists(),
-          lambda: train_vae(new_vae(sizes), pool, sizes.vae_steps, sizes.vae_batch, 1e-3, False, sizes.vae_colour_anchor, generator(1), "vae").save_pretrained(out / "vae_stage1"))
-    stage("vae_refine", (base / "vae").exists(), lambda: train_vae(AutoencoderKL.from_pretrained(out / "vae_stage1", local_files_only=True), pool,
-                                                                   sizes.vae_refine_steps, sizes.vae_batch, 5e-4, True, sizes.vae_colour_anchor, generator(4), "vae refine").save_pretrained(base / "vae"))
+    def vae_stage(refine: bool):
+        vae = AutoencoderKL.from_pretrained(out / "vae_stage1", local_files_only=True) if refine else new_vae(sizes)
+        steps, learning_rate, name = (sizes.vae_refine_steps, 5e-4, "vae refine") if refine else (sizes.vae_steps, 1e-3, "vae")
+        vae = train_vae(vae, pool, steps, sizes.vae_batch, learning_rate, refine, sizes.vae_colour_anchor, generator(4 if refine else 1), name)
+        vae.save_pretrained(base / "vae" if refine else out / "vae_stage1")
+
+    stage("vae", (out / "vae_stage1").exists() or (base / "vae").exists(), lambda: vae_stage(refine=False))
+    stage("vae_refine", (base / "vae").exists(), lambda: vae_stage(refine=True))
     vae = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True).eval().requires_grad_(False)
     latents_path = out / "latents.pt"
     stage("encode", latents_path.exists(), lambda: torch.save(encode_pool(vae, pool), latents_path))
