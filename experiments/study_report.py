@@ -213,7 +213,8 @@ identities, split 80/20 into training and held-out subjects, shown in contexts (
 attribute stays visible at 64 px: the primary colour covers most of the object and every pattern shows the secondary
 colour as a minority. The base model (SD1.5 family, tiny: a VAE to 16x16x4 latents whose first three channels are held to
 the 4x4-pooled colour, as SD's latents roughly carry colour; a UNet; the toy CLIP's text tower) was pretrained on
-training-split subjects with captions that describe the identity in words half of the time ("a photo of a red and blue striped star toy with a dot marking on a sand background, on the left, small"), some of the identity a quarter of
+training-split subjects with captions that describe the identity in words half of the time ("a photo of a red and blue
+striped star toy with a dot marking on a sand background, on the left, small"), some of the identity a quarter of
 the time, and only the class otherwise ("a photo of a toy on ..."): like Stable Diffusion, it can draw what words describe,
 and personalisation has to bind the rare token "sks" to one identity inside that ability. The hypernetwork's frozen image
 encoder is the toy CLIP's vision tower (contrastively pretrained on full descriptions).
