@@ -4,6 +4,9 @@
     python -m experiments.pretrain --out runs/toy_world --pack    # then copy it into training/toy_model (fp16, pruned)
     python -m experiments.pretrain --out runs/quick --quick       # pipeline check in a few minutes
 
+A longer UNet pretraining in parts: link every other stage's output of a finished world into a new folder and run
+``--set unet_init=<world>/base/unet unet_steps=N`` there (training/toy_model/pretrain.json records the shipped run).
+
 The study (``python -m experiments.study``) and the README demo (``--preset demo``) use the shipped copy, so
 this command runs once per change of the world; its cost is recorded in ``training/toy_model/pretrain.json``.
 """

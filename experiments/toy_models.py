@@ -53,6 +53,9 @@ class Sizes:
     vae_colour_anchor: float = 1.0  # latent channels 0-2 are pulled toward the 4x4-pooled RGB (see train_vae)
     clip_steps: int = 3000
     unet_steps: int = 12000
+    unet_lr: float = 1e-3
+    unet_min_snr_gamma: float = 0.0  # >0: min-SNR-gamma loss weights (Hang et al. 2023); 0: plain MSE on the noise
+    unet_init: str = ""  # a diffusers UNet folder to continue training from (a longer pretraining in parts)
     reader_steps: int = 3000
     batch: int = 32
     clip_batch: int = 128  # contrastive learning needs in-batch negatives
@@ -124,6 +127,19 @@ def _log(message: str) -> None:
     print(f"[toy] {message}", flush=True)
 
 
+def colour_anchor_loss(posterior_mean: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """MSE between latent channels 0-2 and the image's RGB average-pooled to the latent size."""
+    return F.mse_loss(posterior_mean[:, :3], F.avg_pool2d(pixels, pixels.shape[-1] // posterior_mean.shape[-1]))
+
+
+def denoising_loss_weights(alphas_cumprod: torch.Tensor, min_snr_gamma: float) -> torch.Tensor:
+    """Per-timestep weights of the noise-prediction MSE: ``min(SNR, gamma) / SNR`` (min-SNR-gamma, Hang et al. 2023),
+    or ones for ``gamma`` 0. Low-noise steps (SNR > gamma) then weigh less, so more of the gradient goes where the
+    layout and shape are decided."""
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return snr.clamp(max=min_snr_gamma) / snr if min_snr_gamma else torch.ones_like(snr)
+
+
 def new_vae(sizes: Sizes):
     from diffusers import AutoencoderKL
 
@@ -155,7 +171,7 @@ def train_vae(vae, pool: RenderPool, steps: int, batch: int, learning_rate: floa
         reconstruction = vae.decode(posterior.sample() if refine else posterior.mode()).sample
         loss = F.mse_loss(reconstruction, pixels) + (F.l1_loss(reconstruction, pixels) if refine else 0) + 1e-6 * posterior.kl().mean()
         if colour_anchor:
-            loss = loss + colour_anchor * F.mse_loss(posterior.mean[:, :3], F.avg_pool2d(pixels, pixels.shape[-1] // posterior.mean.shape[-1]))
+            loss = loss + colour_anchor * colour_anchor_loss(posterior.mean, pixels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -228,18 +244,23 @@ def train_base_unet(pool: RenderPool, latents: torch.Tensor, text_encoder, token
 
     torch.manual_seed(2)
     c = sizes.unet_channels
-    # Attention at the 8x8 and 4x4 latent levels only: self-attention over 256 tokens at 16x16 would cost
-    # more than the rest of the UNet on a CPU, and the 16x16 level's convolutions place the details.
-    unet = ones_for_norms(UNet2DConditionModel(
-        sample_size=sizes.resolution // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=c,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=sizes.text_hidden, attention_head_dim=sizes.unet_heads, norm_num_groups=16,
-    ))
+    if sizes.unet_init:
+        unet = UNet2DConditionModel.from_pretrained(sizes.unet_init, local_files_only=True).train().requires_grad_(True)
+    else:
+        # Attention at the 8x8 and 4x4 latent levels only: self-attention over 256 tokens at 16x16 would cost
+        # more than the rest of the UNet on a CPU, and the 16x16 level's convolutions place the details.
+        unet = ones_for_norms(UNet2DConditionModel(
+            sample_size=sizes.resolution // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=c,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=sizes.text_hidden, attention_head_dim=sizes.unet_heads, norm_num_groups=16,
+        ))
     scheduler = DDPMScheduler.from_pretrained(CONFIG_DIR, subfolder="scheduler", local_files_only=True)
     schedule = NoiseSchedule(scheduler.alphas_cumprod.float())
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=sizes.unet_lr, weight_decay=0.01)
+    loss_weights = denoising_loss_weights(schedule.alphas_cumprod, sizes.unet_min_snr_gamma)
     lr = warmup_cosine(optimizer, sizes.unet_steps, 0.03)
-    rng = random.Random(2)
+    rng = random.Random(3 if sizes.unet_init else 2)  # a continuation draws other captions than the part before it
     start = time.time()
     for step in range(sizes.unet_steps):
         index = torch.randint(0, len(pool), (sizes.batch,), generator=generator)
@@ -250,7 +271,8 @@ def train_base_unet(pool: RenderPool, latents: torch.Tensor, text_encoder, token
         x0 = latents[index]
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, 1000, (len(captions),), generator=generator)
-        loss = F.mse_loss(unet(schedule.add_noise(x0, noise, t), t, context).sample, noise)
+        errors = F.mse_loss(unet(schedule.add_noise(x0, noise, t), t, context).sample, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (loss_weights[t] * errors).mean()
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -357,10 +379,11 @@ def pretrain_toy_world(out: Path, sizes: Sizes, seed: int = 0) -> dict:
         def snapshot(unet, scheduler, step):  # intermediate base models, to watch what the UNet can draw
             unet.save_pretrained(out / "snapshots" / f"unet_{step:06d}")
 
-        unet, scheduler = train_base_unet(pool, latents, text_encoder, tokenizer, sizes, generator(3), snapshot=snapshot, snapshot_every=sizes.unet_steps // 6)
+        batches = generator(13 if sizes.unet_init else 3)  # a continuation draws other batches than the part before it
+        unet, scheduler = train_base_unet(pool, latents, text_encoder, tokenizer, sizes, batches, snapshot=snapshot, snapshot_every=sizes.unet_steps // 6)
         save_base_model(base, unet, vae, text_encoder, tokenizer, scheduler)
 
-    stage("unet", (base / "model_index.json").exists(), unet_stage)
+    stage("unet_continued" if sizes.unet_init else "unet", (base / "model_index.json").exists(), unet_stage)
 
     _log(f"pretraining done: {timings}")
     return timings

@@ -124,3 +124,6 @@ class HyperNetObjective:
             terms["nn"] = nn_loss.detach()
         terms["loss"] = loss
         return terms
+
+
+HypernetObjective = HyperNetObjective  # the name ../shared/tools/swap_diagnostic.py imports

@@ -1,12 +1,12 @@
-"""The toy world's VAE: its latents carry colour (the colour anchor), and the shipped one keeps every identity attribute readable."""
+"""The toy world's pretraining: the VAE's latents carry colour (the colour anchor) and the shipped one keeps every identity
+attribute readable; the base UNet's loss weights and its continuation from a saved UNet."""
 
 import random
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from experiments.toy_models import RenderPool, Sizes, new_vae, train_vae
+from experiments.toy_models import TOKENIZER_DIR, RenderPool, Sizes, colour_anchor_loss, denoising_loss_weights, new_vae, train_base_unet, train_vae
 from training.synthetic import SyntheticWorld
 
 
@@ -20,7 +20,7 @@ def colour_error(vae, pool: RenderPool) -> float:
     pixels = pool.floats(torch.arange(len(pool)))
     with torch.no_grad():
         mean = vae.encode(pixels).latent_dist.mean
-    return F.mse_loss(mean[:, :3], F.avg_pool2d(pixels, 4)).item()
+    return colour_anchor_loss(mean, pixels).item()
 
 
 def test_a_new_vae_starts_with_a_near_deterministic_posterior():
@@ -58,3 +58,42 @@ def test_the_shipped_vae_keeps_the_colours_the_reader_reads():
         round_trip = vae.decode(vae.encode(pixels).latent_dist.mode()).sample.clamp(-1, 1)
     accuracy = reader_accuracy(load_toy_reader().float(), round_trip, subjects, contexts)
     assert accuracy["primary"] >= 0.9 and accuracy["secondary"] >= 0.75 and accuracy["shape"] >= 0.9, accuracy
+
+
+def test_min_snr_weights_lower_only_the_low_noise_steps():
+    from hypernet import NoiseSchedule
+
+    alphas_cumprod = NoiseSchedule.scaled_linear().alphas_cumprod
+    assert torch.equal(denoising_loss_weights(alphas_cumprod, 0.0), torch.ones(1000))
+    weights = denoising_loss_weights(alphas_cumprod, 5.0)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    assert torch.equal(weights[snr <= 5], torch.ones(int((snr <= 5).sum())))
+    assert torch.allclose(weights[snr > 5], 5 / snr[snr > 5])
+    assert weights[0] < 0.01 and 0 < (snr > 5).sum() < 300  # SD's schedule: only the first ~150 steps are above gamma 5
+
+
+def tiny_text_encoder(hidden: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77)
+    return CLIPTextModel(config).eval(), CLIPTokenizer.from_pretrained(TOKENIZER_DIR, local_files_only=True)
+
+
+def test_base_unet_training_continues_from_a_saved_unet(tmp_path):
+    import dataclasses
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    pool = small_pool(8)
+    latents = torch.randn(8, 4, 16, 16)
+    sizes = dataclasses.replace(Sizes.quick(), unet_steps=2, batch=2)
+    text_encoder, tokenizer = tiny_text_encoder(sizes.text_hidden)
+    first, _ = train_base_unet(pool, latents, text_encoder, tokenizer, sizes, torch.Generator().manual_seed(0))
+    first.save_pretrained(tmp_path / "unet")
+    continued_sizes = dataclasses.replace(sizes, unet_init=str(tmp_path / "unet"), unet_steps=1, unet_lr=1e-9, unet_min_snr_gamma=5.0)
+    continued, _ = train_base_unet(pool, latents, text_encoder, tokenizer, continued_sizes, torch.Generator().manual_seed(0))
+    fresh, _ = train_base_unet(pool, latents, text_encoder, tokenizer, dataclasses.replace(sizes, unet_lr=1e-9, unet_steps=1), torch.Generator().manual_seed(0))
+    saved, resumed, restarted = (dict(m.named_parameters()) for m in (first, continued, fresh))
+    name = "conv_in.weight"
+    assert torch.allclose(resumed[name], saved[name], atol=1e-6)  # started from the saved weights, moved by a 1e-9 learning rate
+    assert not torch.allclose(restarted[name], saved[name], atol=1e-3)  # a fresh UNet would not
