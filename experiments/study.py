@@ -47,7 +47,7 @@ class Plan:
     world: str = "toy"
     train_subjects: int = 1500
     images_per_subject: int = 4
-    hypernet_steps: int = 800
+    hypernet_steps: int = 1600  # each of the 6,000 training images seen about twice (batch 8)
     hypernet: dict = field(default_factory=dict)  # overrides of the demo recipe (training.config PRESETS["demo"])
     eval_subjects: int = 24
     eval_contexts: int = 4
@@ -71,7 +71,7 @@ class Plan:
     tuning_lr: float = 1e-3
     variants: tuple = ("no_l2", "weight_space", "embedding", "embedding_nn")
     reader_images: int = 1024
-    eval_every: int = 200
+    eval_every: int = 400
 
     @classmethod
     def quick(cls) -> "Plan":
