@@ -60,6 +60,7 @@ class Plan:
     finetune_rank: int = 4
     hyper_finetune_steps: int = 40
     scratch_steps: tuple = (40, 400)
+    finetune_lr_sweep: tuple = (1e-3,)  # the finetunes again at these learning rates: shown beside, the goals use finetune_lr
     weight_space_weight: float = 0.1
     preopt_subjects: int = 48
     preopt_steps: int = 80
@@ -206,6 +207,12 @@ def run_methods(plan: Plan, evaluator: Evaluator, cases, train_cases, hypernets:
         for steps in plan.scratch_steps:
             scratch = evaluator.finetune(cases, [evaluator.zero_lora()] * len(cases), steps, plan.finetune_rank, plan.finetune_lr, seed=0)
             record(f"LoRA from scratch {steps}", generate(scratch, "lora"))
+        for lr in plan.finetune_lr_sweep:
+            tuned = evaluator.finetune(cases, predicted, plan.hyper_finetune_steps, plan.finetune_rank, lr, seed=0)
+            record(f"hypernet + finetune {plan.hyper_finetune_steps}, lr {lr:g}", generate(tuned, "lora"))
+            for steps in plan.scratch_steps:
+                scratch = evaluator.finetune(cases, [evaluator.zero_lora()] * len(cases), steps, plan.finetune_rank, lr, seed=0)
+                record(f"LoRA from scratch {steps}, lr {lr:g}", generate(scratch, "lora"))
     return scores, spread, examples
 
 

@@ -113,6 +113,12 @@ def claims(results: dict) -> list[str]:
         name = f"LoRA from scratch {steps}"
         lines.append(f"**{name}** (rank {plan['finetune_rank']}, lr {plan['finetune_lr']:g}): subject fidelity {s(name):.3f} vs base {s(BASE):.3f} "
                      f"({describe_diff(scores, name, BASE)}).")
+    for lr in plan.get("finetune_lr_sweep", ()):
+        tuned = f"hypernet + finetune {plan['hyper_finetune_steps']}, lr {lr:g}"
+        for steps in plan["scratch_steps"]:
+            scratch = f"LoRA from scratch {steps}, lr {lr:g}"
+            lines.append(f"**At lr {lr:g}**: {tuned} {s(tuned):.3f} vs {scratch} {s(scratch):.3f} ({describe_diff(scores, tuned, scratch)}); "
+                         f"prompt fidelity {s(tuned, 'prompt'):.3f} vs {s(scratch, 'prompt'):.3f}.")
     return lines
 
 

@@ -48,7 +48,8 @@ def test_quick_study_runs_every_stage_and_writes_its_report(quick_world, tmp_pat
     for method in ("base model", "described (base model, identity in words)", "hypernet", "hypernet (no L2)", "hypernet (weight-space loss)",
                    "hypernet (word embedding)", "hypernet (word embedding + NN loss)", "hypernet (word embedding + NN loss) + dual path a=0.5",
                    "hypernet (word embedding) + tuning 2", "hypernet + HM-CFG s=2", "hypernet + finetune 2",
-                   "LoRA from scratch 4", "hypernet, another subject's LoRA", "hypernet on training subjects"):
+                   "LoRA from scratch 4", "hypernet + finetune 2, lr 0.001", "LoRA from scratch 4, lr 0.001",
+                   "hypernet, another subject's LoRA", "hypernet on training subjects"):
         assert f"| {method} |" in report, method
     assert "## Goals" in report and "## Diagnosis" in report
     results = json.loads((docs / "study_quick_results.json").read_text())
