@@ -202,17 +202,12 @@ def run_methods(plan: Plan, evaluator: Evaluator, cases, train_cases, hypernets:
                 tuned_loras, tuned_embeddings = evaluator.tune(cases, loras, embeddings, plan.tuning_steps, plan.tuning_lr, plan.nn_weight)
                 record(f"{name} + tuning {plan.tuning_steps}", generate(tuned_loras, "lora", embeddings=tuned_embeddings))
     with timer("finetunes"):
-        tuned = evaluator.finetune(cases, predicted, plan.hyper_finetune_steps, plan.finetune_rank, plan.finetune_lr, seed=0)
-        record(f"hypernet + finetune {plan.hyper_finetune_steps}", generate(tuned, "lora"))
-        for steps in plan.scratch_steps:
-            scratch = evaluator.finetune(cases, [evaluator.zero_lora()] * len(cases), steps, plan.finetune_rank, plan.finetune_lr, seed=0)
-            record(f"LoRA from scratch {steps}", generate(scratch, "lora"))
-        for lr in plan.finetune_lr_sweep:
+        for lr, suffix in [(plan.finetune_lr, ""), *((lr, f", lr {lr:g}") for lr in plan.finetune_lr_sweep)]:
             tuned = evaluator.finetune(cases, predicted, plan.hyper_finetune_steps, plan.finetune_rank, lr, seed=0)
-            record(f"hypernet + finetune {plan.hyper_finetune_steps}, lr {lr:g}", generate(tuned, "lora"))
+            record(f"hypernet + finetune {plan.hyper_finetune_steps}{suffix}", generate(tuned, "lora"))
             for steps in plan.scratch_steps:
                 scratch = evaluator.finetune(cases, [evaluator.zero_lora()] * len(cases), steps, plan.finetune_rank, lr, seed=0)
-                record(f"LoRA from scratch {steps}, lr {lr:g}", generate(scratch, "lora"))
+                record(f"LoRA from scratch {steps}{suffix}", generate(scratch, "lora"))
     return scores, spread, examples
 
 
