@@ -131,7 +131,8 @@ def diagnosis(results: dict) -> list[str]:
         f"(base model on the same subjects {s(TRAIN_BASE):.3f}, {describe_diff(scores, TRAIN_HYPER, TRAIN_BASE)}); "
         f"on held-out subjects {s(HYPER):.3f} (base {s(BASE):.3f}, {describe_diff(scores, HYPER, BASE)}).",
         f"**Described ceiling**: told the identity in words, the base model reaches {s(DESCRIBED):.3f} subject fidelity on held-out "
-        f"subjects (the rare token alone: {s(BASE):.3f}); this is what any way of obtaining a LoRA can at best recover through the words the model knows.",
+        f"subjects (the rare token alone: {s(BASE):.3f}): how much of an identity the model can draw from words alone. It bounds what a "
+        f"hypernetwork recovers by steering the model's word-level knowledge, not what a LoRA can do: a LoRA also changes how the model draws.",
         f"**Collapse check**: predicted LoRAs differ between subjects by {spread['pairwise']:.2f}x their mean norm (mean pairwise distance / mean "
         f"norm; {spread['specific']:.2f} for the distance to the mean LoRA). Drawing each subject with another subject's LoRA gives "
         f"{s(SWAPPED):.3f} fidelity to the subject ({describe_diff(scores, HYPER, SWAPPED)} for its own LoRA) and {s(SWAPPED_AS_DONOR):.3f} to the "
