@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -41,9 +42,15 @@ def test_quick_pretraining_writes_a_world_the_trainer_and_the_study_load(quick_w
     assert world.backbone.unet.config.cross_attention_dim == world.backbone.text_encoder.config.hidden_size
 
 
-def test_quick_study_runs_every_stage_and_writes_its_report(quick_world, tmp_path):
-    docs = tmp_path / "docs"
-    python("-m", "experiments.study", "--out", str(tmp_path / "study"), "--quick", "--world", str(quick_world), "--docs", str(docs))
+@pytest.fixture(scope="module")
+def quick_study(quick_world, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("quick_study")
+    python("-m", "experiments.study", "--out", str(out / "study"), "--quick", "--world", str(quick_world), "--docs", str(out / "docs"))
+    return out
+
+
+def test_quick_study_runs_every_stage_and_writes_its_report(quick_study):
+    docs = quick_study / "docs"
     report = (docs / "study_quick.md").read_text()
     for method in ("base model", "described (base model, identity in words)", "hypernet", "hypernet (no L2)", "hypernet (weight-space loss)",
                    "hypernet (word embedding)", "hypernet (word embedding + NN loss)", "hypernet (word embedding + NN loss) + dual path a=0.5",
@@ -65,6 +72,34 @@ def test_quick_study_runs_every_stage_and_writes_its_report(quick_world, tmp_pat
     (docs / "study_quick.md").unlink()
     python("-m", "experiments.study", "--report-only", "--quick", "--docs", str(docs))
     assert (docs / "study_quick.md").read_text() == report
+
+
+def test_ceiling_reads_each_attribute_of_the_hypernet_at_each_strength_and_probes_the_image_features(quick_world, quick_study, tmp_path):
+    out = tmp_path / "ceiling.json"
+    hypernet = quick_study / "study" / "hypernets" / "hypernet" / "hypernet.safetensors"
+    python("-m", "experiments.ceiling", "--quick", "--world", str(quick_world), "--hypernet", str(hypernet), "--cfg", "5", "--strengths", "1", "2",
+           "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    probes = [name for name in rows if "linear probe" in name]
+    assert {"described, cfg 5", "base model (sks), cfg 5", "hypernet, cfg 5", "hypernet, cfg 5, strength 2", "references, VAE round trip"} <= set(rows)
+    assert probes == ["image features (penultimate_hidden_states), linear probe, pooled", "image features (penultimate_hidden_states), linear probe, tokens"]
+    for name, row in rows.items():
+        assert set(row) == {"shape", "primary", "secondary", "pattern", "marking", "identity"}, name
+        assert all(0.0 <= value <= 1.0 for value in row.values()), name
+        assert abs(row["identity"] - sum(row[a] for a in ("shape", "primary", "secondary", "pattern", "marking")) / 5) < 1e-3, name
+
+
+def test_linear_probe_finds_a_planted_attribute_and_not_noise():
+    from experiments.feature_probe import linear_probe_accuracy
+
+    generator = torch.Generator().manual_seed(0)
+    labels = [i % 4 for i in range(400)]
+    signal = torch.nn.functional.one_hot(torch.tensor(labels), 4).float() * 5 + torch.randn(400, 4, generator=generator)
+    features = torch.cat([signal, torch.randn(400, 28, generator=generator)], 1)
+    assert linear_probe_accuracy(features[:300], labels[:300], features[300:], labels[300:]) > 0.9
+    noise = torch.randn(400, 32, generator=generator)
+    assert linear_probe_accuracy(noise[:300], labels[:300], noise[300:], labels[300:]) < 0.45
+    assert linear_probe_accuracy(signal[:300], labels[:300], signal[300:], [9] * 100) == 0.0  # a class never trained on is a miss
 
 
 def test_set_overrides_fields_of_the_study_plan_and_the_pretraining_sizes():
