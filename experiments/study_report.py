@@ -239,7 +239,7 @@ error there is the model's or the reader's, so it bounds the reader's accuracy o
 **Protocol.** {len(results['subjects'])} held-out subjects, one reference image each (white background, centre, large),
 {plan['eval_contexts']} new prompts each ("a photo of a sks toy on a night background, on the left, small"), seeds {list(plan['seeds'])},
 DDIM {plan['sample_steps']} steps, cfg_text {plan['cfg_text']}. Hypernetworks: `training.train` on {plan['train_subjects']} training subjects x
-{plan['images_per_subject']} images, {plan['hypernet_steps']} steps (the demo recipe{', ' + json.dumps(plan['hypernet']) if plan['hypernet'] else ''}). Finetunes: the
+{plan['images_per_subject']} images, {plan['hypernet_steps']} steps (the demo recipe{' with ' + json.dumps(plan['hypernet']) if plan['hypernet'] else ''}). Finetunes: the
 product's loop (`hypernet.finetune`), rank {plan['finetune_rank']}, AdamW lr {plan['finetune_lr']:g} (the product's default) on the reference
 image and "a photo of a sks toy on a white background, in the center, large". Every number below is a mean over subjects
 ± its standard error; every comparison is a paired difference over the same subjects, prompts and seeds ("significant" =
