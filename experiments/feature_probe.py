@@ -24,10 +24,10 @@ def rendered_features(encoder, synthetic: SyntheticWorld, split: str, subjects: 
     images, labels = [], []
     for subject in synthetic.subjects(subjects, split):
         for _ in range(views):
-            images.append(np.asarray(synthetic.render(subject, synthetic.sample_context(rng), 64), dtype=np.float32) / 255)
+            images.append(np.asarray(synthetic.render(subject, synthetic.sample_context(rng), 64)))
             labels.append(subject.labels())
-    with torch.no_grad():
-        features = encoder.features(torch.from_numpy(np.stack(images)), hidden_state).float()
+    with torch.no_grad():  # uint8 (B, H, W, C): the encoder scales it to [0, 1] itself
+        features = encoder.features(np.stack(images), hidden_state)
     return features, labels
 
 

@@ -49,7 +49,7 @@ class Plan:
     images_per_subject: int = 4
     hypernet_steps: int = 1600  # each of the 6,000 training images seen about twice (batch 8)
     # Overrides of the demo recipe (training.config PRESETS["demo"]). Rank 4 with a lighter L2 doubled how much a subject's own
-    # LoRA beats another's in denoising loss on the demo run (../shared/tools/swap_diagnostic.py); fidelity as read stayed the same.
+    # LoRA beats another's in denoising loss on the demo run; fidelity as read stayed the same (docs/study.md, Notes).
     hypernet: dict = field(default_factory=lambda: {"lidb_rank": 4, "reg_weight": 3e-4})
     eval_subjects: int = 24
     eval_contexts: int = 4
