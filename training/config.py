@@ -69,6 +69,8 @@ class TrainConfig:
     reg_weight: float = _opt(1e-3, "lambda of the L2 penalty on the hypernetwork output.")
     reg_target: str = _opt("delta_w", "What the L2 penalty measures: the weight deltas or the raw predicted numbers.", ("delta_w", "params"))
     prompt_dropout: float = _opt(0.1, "Probability of training a sample with the empty prompt.")
+    timestep_bias: float = _opt(1.0, "Sampling weight of the noisier half of the timesteps relative to the other half (1 = uniform; "
+                                     "3 = three quarters of the samples from the noisier half, where a subject's shape and colours are decided).")
     preopt_dir: str = _opt("", "Folder of pre-optimised per-subject compact LoRAs (python -m training.preoptimize) for the weight-space loss.")
     weight_space_weight: float = _opt(0.0, "beta of the weight-space loss toward pre-optimised LoRAs (needs preopt_dir).")
     token_embedding: bool = _opt(False, "Also predict a word embedding for the placeholder token (tuning-encoder option).")
@@ -80,6 +82,7 @@ class TrainConfig:
     learning_rate: float = _opt(1e-4, "AdamW learning rate.")
     weight_decay: float = _opt(0.01, "AdamW weight decay.")
     warmup_steps: int = _opt(0, "Linear learning-rate warm-up steps.")
+    lr_schedule: str = _opt("constant", "Learning rate after the warm-up: constant, or a half cosine down to 0 at max_steps.", ("constant", "cosine"))
     max_steps: int = _opt(1000, "Optimizer steps to train.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).")
     mixed_precision: str = _opt("no", "Backbone compute precision.", ("no", "fp16", "bf16"))

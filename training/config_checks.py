@@ -25,7 +25,7 @@ AT_LEAST = {
     "synthetic_images_per_subject": 1, "resolution": 8, "warmup_steps": 0, "checkpoint_every": 0, "sample_every": 0,
     "sample_subjects": 0, "seed": 0, "lidb_seed": 0, "eval_every": 0, "eval_subjects": 2,
 }
-POSITIVE = {"learning_rate", "nn_temperature"}  # floats > 0
+POSITIVE = {"learning_rate", "nn_temperature", "timestep_bias"}  # floats > 0
 NON_NEGATIVE = {"weight_decay", "reg_weight", "weight_space_weight", "nn_weight", "max_grad_norm"}  # floats >= 0
 PROBABILITIES = {"flip_prob", "prompt_dropout"}  # floats in [0, 1]
 NON_EMPTY = {"backbone", "image_encoder", "data", "class_word", "placeholder", "prompt_template", "output_dir"}

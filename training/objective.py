@@ -44,6 +44,18 @@ class TokenEmbeddingOverride:
         return self.module.register_forward_hook(self)
 
 
+def sample_timesteps(num_timesteps: int, size: int, high_noise_bias: float, generator: torch.Generator) -> torch.Tensor:
+    """``size`` training timesteps; the noisier half (``t >= num_timesteps // 2``) is drawn ``high_noise_bias`` times as
+    often as the rest. In the noise-prediction loss a sample's identity (what the LoRA carries) shows as an error on
+    the clean image scaled by the signal-to-noise ratio, so the noisy steps where layout and colours are decided weigh
+    little; drawing them more often gives them more of the gradient."""
+    if high_noise_bias == 1.0:  # the plain uniform draw, bit-identical to runs made before the option existed
+        return torch.randint(0, num_timesteps, (size,), generator=generator)
+    weights = torch.ones(num_timesteps, dtype=torch.float64)
+    weights[num_timesteps // 2:] = high_noise_bias
+    return torch.multinomial(weights, size, replacement=True, generator=generator)
+
+
 def real_word_ids(backbone, placeholder_id: int) -> torch.Tensor:
     """Vocabulary rows the nearest-neighbour loss may pick: real words only, not special tokens, the
     placeholder itself, or rows a pruned vocabulary left at zero."""
@@ -91,7 +103,7 @@ class HyperNetObjective:
         with torch.no_grad():
             latents = batch.latents if batch.latents is not None else backbone.encode_images(batch.pixels)
         noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-        timesteps = torch.randint(0, self.schedule.num_timesteps, (size,), generator=generator).to(device)
+        timesteps = sample_timesteps(self.schedule.num_timesteps, size, self.config.timestep_bias, generator).to(device)
         noisy = self.schedule.add_noise(latents, noise, timesteps)
         dropped = torch.rand(size, generator=generator) < config.prompt_dropout
         captions = ["" if drop else caption for caption, drop in zip(batch.captions, dropped.tolist())]

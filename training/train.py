@@ -93,6 +93,16 @@ class Job:
                             self.feature_spec, self.config)
 
 
+def learning_rate_factor(step: int, config) -> float:
+    """The learning rate's share at ``step``: a linear warm-up over ``warmup_steps``, then constant or, with
+    ``--lr-schedule cosine``, a half cosine down to 0 at ``max_steps``."""
+    warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    if config.lr_schedule == "constant" or step < config.warmup_steps:
+        return warm
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def run(config: TrainConfig) -> TrainResult:
     """Train and export. Raises :class:`~training.errors.TrainingError` (refused, bad input, stopped with a checkpoint)."""
     with Interrupts() as interrupts:  # SIGINT and SIGTERM: a checkpoint of whole steps, then TrainingStopped
@@ -143,7 +153,7 @@ def build(config: TrainConfig) -> Job:
     torch.manual_seed(config.seed)
     hypernet = HyperNetwork(hyper_config, layers)
     optimizer = torch.optim.AdamW(hypernet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
     return Job(config, accelerator, resume_state, dataset, preview, evaluation, backbone, encoder, unet_targets, text_targets,
                feature_spec, hypernet, optimizer, scheduler)
 

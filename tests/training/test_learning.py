@@ -13,7 +13,7 @@ import torch
 from hypernet import HyperNetwork, load_hypernet, locate_targets
 from training.config import PRESETS, TrainConfig
 from training.inputs import SubjectBatches, open_backbone, open_dataset, open_image_encoder
-from training.objective import Batch, HyperNetObjective
+from training.objective import Batch, HyperNetObjective, sample_timesteps
 
 
 def tiny_config(tmp_path: Path, **overrides) -> TrainConfig:
@@ -154,6 +154,10 @@ def test_each_objective_term_has_its_weight_vanishes_at_zero_and_reaches_only_it
     assert gradient_difference(grads, base_grads, "token_head.") > 0
     assert gradient_difference(grads, base_grads, "offset") == 0
 
+    # a timestep bias changes which noise levels the denoising loss sees, not which terms there are
+    terms, _ = terms_and_grads(objective_world, **{**zero, "timestep_bias": 4.0})
+    assert set(terms) == {"denoise", "reg", "loss"} and terms["denoise"] != pytest.approx(base_terms["denoise"], rel=1e-6)
+
     # the denoising loss itself reaches the LoRA heads and, through the placeholder's embedding, the embedding head
     assert all(base_grads[n] is not None and base_grads[n].abs().sum() > 0 for n in base_grads if n.startswith(LORA_PARAMETERS + EMBEDDING_PARAMETERS))
 
@@ -214,3 +218,13 @@ def test_vocabulary_for_the_nearest_neighbour_loss_is_real_words_only():
         table.weight[5] = 0  # a row a pruned vocabulary left empty
     backbone = SimpleNamespace(tokenizer=SimpleNamespace(all_special_ids=[0, 7]), text_encoder=SimpleNamespace(get_input_embeddings=lambda: table))
     assert real_word_ids(backbone, placeholder_id=3).tolist() == [1, 2, 4, 6]
+
+
+def test_timestep_bias_draws_the_noisier_half_that_many_times_as_often():
+    uniform = sample_timesteps(1000, 20000, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(uniform, torch.randint(0, 1000, (20000,), generator=torch.Generator().manual_seed(0)))  # old runs reproduce
+    biased = sample_timesteps(1000, 20000, 3.0, torch.Generator().manual_seed(0))
+    assert biased.min() >= 0 and biased.max() <= 999
+    assert float((biased >= 500).float().mean()) == pytest.approx(0.75, abs=0.015)
+    assert float((uniform >= 500).float().mean()) == pytest.approx(0.5, abs=0.015)
+    assert len(torch.unique(biased[biased < 500])) > 400  # the quieter half is still drawn, every step of it about equally

@@ -39,6 +39,7 @@ def refusal(capsys, argv) -> str:
     (["--learning-rate=-1e-4"], "--learning-rate must be > 0"),
     (["--learning-rate", "0"], "--learning-rate must be > 0"),
     (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["--timestep-bias", "0"], "--timestep-bias must be > 0"),
     (["--placeholder", ""], "--placeholder must not be empty"),
     (["--placeholder", "two words"], "--placeholder must be one word"),
     (["--prompt-template", "a photo of a dog"], "--prompt-template must contain {token}"),

@@ -98,6 +98,17 @@ def test_resume_applies_a_new_learning_rate_and_weight_decay(tmp_path, capsys):
     assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == 2.5e-4
 
 
+def test_cosine_schedule_warms_up_then_decays_to_zero_and_a_resume_continues_it(tmp_path):
+    flags = ["--sample-subjects", "0", "--learning-rate", "1e-3", "--warmup-steps", "2", "--lr-schedule", "cosine", "--max-steps", "6"]
+    train(tmp_path / "whole", *flags)
+    expected = [1e-3 * f for f in (1.0, 1.0, 0.853553, 0.5, 0.146447, 0.0)]  # after each step: warm-up, then 0.5 (1 + cos(pi k / 4))
+    assert [r["step"] for r in metrics(tmp_path / "whole")] == [1, 2, 3, 4, 5, 6]
+    assert [r["lr"] for r in metrics(tmp_path / "whole")] == pytest.approx(expected, abs=1e-8)
+    train(tmp_path / "resumed", *flags[:-1], "3")
+    train(tmp_path / "resumed", *flags, "--resume")
+    assert [r["lr"] for r in metrics(tmp_path / "resumed")][3:] == pytest.approx(expected[3:], abs=1e-8)  # where a 6-step run is
+
+
 @pytest.mark.parametrize("flags, named", [
     (["--lidb-seed", "5"], "--lidb-seed 0 (asked: 5)"),
     (["--lidb-a", "8"], "--lidb-a 16 (asked: 8)"),
