@@ -89,6 +89,36 @@ def test_ceiling_reads_each_attribute_of_the_hypernet_at_each_strength_and_probe
         assert abs(row["identity"] - sum(row[a] for a in ("shape", "primary", "secondary", "pattern", "marking")) / 5) < 1e-3, name
 
 
+def test_objective_ceiling_fits_a_lora_per_subject_on_its_training_views_and_scores_every_method(quick_world, quick_study, tmp_path):
+    out = tmp_path / "objective.json"
+    hypernet = quick_study / "study" / "hypernets" / "hypernet" / "hypernet.safetensors"
+    python("-m", "experiments.objective_ceiling", "--quick", "--world", str(quick_world), "--hypernet", str(hypernet), "--subjects", "2",
+           "--steps", "3", "--out", str(out))
+    record = json.loads(out.read_text())
+    assert list(record["rows"]) == ["base model", "hypernet", "LoRA on the subject's 2 training views", "LoRA on the one reference image"]
+    for name, row in record["rows"].items():
+        assert len(row["subject"]) == len(row["prompt"]) == 2 and all(0.0 <= v <= 1.0 for v in row["subject"] + row["prompt"]), name
+        assert set(row["attributes"]) == {"shape", "primary", "secondary", "pattern", "marking", "identity"}, name
+        assert abs(row["attributes"]["identity"] - sum(row["subject"]) / 2) < 2e-3, name  # the same readings, two ways
+    assert len(record["view_lora_losses"]) == 1 and all(0 < loss < 10 for loss in record["view_lora_losses"])
+
+
+def test_objective_ceiling_trains_on_the_very_views_the_study_wrote(tmp_path):
+    from dataclasses import replace
+
+    from experiments.objective_ceiling import training_views
+    from experiments.study import Plan
+    from training.synthetic import SyntheticWorld, write_synthetic_dataset
+
+    plan = replace(Plan(), train_subjects=5, images_per_subject=3)
+    write_synthetic_dataset(tmp_path, plan.train_subjects, plan.images_per_subject, size=64, seed=0, split="train")
+    world = SyntheticWorld(0)
+    views = training_views(world, plan, 4)
+    for subject, subject_views in zip(world.subjects(plan.train_subjects, "train")[:4], views):
+        written = json.loads((tmp_path / subject.id / "labels.json").read_text())["contexts"]
+        assert [context.labels() for context in subject_views] == written
+
+
 def test_linear_probe_finds_a_planted_attribute_and_not_noise():
     from experiments.feature_probe import linear_probe_accuracy
 
