@@ -41,11 +41,11 @@ def training_views(world: SyntheticWorld, plan: Plan, count: int) -> list[list]:
     return views
 
 
-def fit_view_loras(evaluator: Evaluator, cases: list[Case], views: list[list], steps: int, rank: int, learning_rate: float,
-                   per_subject: int = 2, seed: int = 0) -> tuple[list[LoraWeights], list[float]]:
+def fit_view_loras(evaluator: Evaluator, world: SyntheticWorld, cases: list[Case], views: list[list], steps: int, rank: int,
+                   learning_rate: float, per_subject: int = 2, seed: int = 0) -> tuple[list[LoraWeights], list[float]]:
     """One fresh rank-``rank`` LoRA per subject (UNet and text encoder), all subjects in one batch, trained with the
     denoising loss on the subject's views and their captions (the hypernetwork's objective, one subject at a time)."""
-    backbone, world = evaluator.world.backbone, SyntheticWorld(0)
+    backbone = evaluator.world.backbone
     pixels = torch.stack([torch.stack([torch.from_numpy(np.asarray(world.render(case.subject, context, 64))) for context in subject_views])
                           for case, subject_views in zip(cases, views)]).float().div(255)  # (S, V, H, W, 3)
     with torch.no_grad():
@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     evaluator = Evaluator(world, plan.sample_steps, plan.cfg_text, 64)
     hypernet, info = load_hypernet(args.hypernet)
     predicted, _ = evaluator.predict(hypernet, cases, info.config.features.hidden_state)
-    view_loras, losses = fit_view_loras(evaluator, cases, training_views(synthetic, plan, count), args.steps, args.rank, args.learning_rate)
+    view_loras, losses = fit_view_loras(evaluator, synthetic, cases, training_views(synthetic, plan, count), args.steps, args.rank, args.learning_rate)
     reference_loras = evaluator.finetune(cases, [evaluator.zero_lora()] * len(cases), args.steps, args.rank, args.learning_rate, seed=0)
     methods = {"base model": None, "hypernet": predicted, f"LoRA on the subject's {plan.images_per_subject} training views": view_loras,
                "LoRA on the one reference image": reference_loras}
