@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 from hypernet import LoraWeights, attach_lora, load_hypernet
 from hypernet.finetune import fresh_lora
 from hypernet.losses import denoising_loss
-from training.synthetic import SyntheticWorld
+from training.synthetic import SyntheticWorld, dataset_views
 
 from .ceiling import per_attribute
 from .study import Plan
@@ -32,13 +31,9 @@ from .study_eval import Case, Evaluator, World, make_cases
 
 
 def training_views(world: SyntheticWorld, plan: Plan, count: int) -> list[list]:
-    """The first ``count`` training subjects' views as the study wrote them (training.synthetic.write_synthetic_dataset,
-    seed 0): the same context draws in the same order, so the same images and captions the hypernetwork trained on."""
-    rng = random.Random("0/contexts/train")
-    views = []
-    for subject in world.subjects(plan.train_subjects, "train")[:count]:
-        views.append([world.sample_context(rng) for _ in range(plan.images_per_subject)])
-    return views
+    """The first ``count`` training subjects' views as the study wrote them (seed 0): the images and captions the
+    hypernetwork trained on."""
+    return [views for _, views in dataset_views(world, plan.train_subjects, plan.images_per_subject)[:count]]
 
 
 def fit_view_loras(evaluator: Evaluator, world: SyntheticWorld, cases: list[Case], views: list[list], steps: int, rank: int,

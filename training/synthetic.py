@@ -219,19 +219,24 @@ def _draw_marking(fill: Image.Image, subject: Subject, extent: int) -> None:
         raise ValueError(f"unknown marking {subject.marking}")
 
 
+def dataset_views(world: SyntheticWorld, n_subjects: int, images_per_subject: int, split: str = "train") -> list[tuple[Subject, list[Context]]]:
+    """The subjects of a data set written by :func:`write_synthetic_dataset` with ``world``'s seed, each with the contexts
+    of its images in file order (a seeded draw per split): what those files show, without reading them."""
+    rng = random.Random(f"{world.seed}/contexts/{split}")
+    return [(subject, [world.sample_context(rng) for _ in range(images_per_subject)]) for subject in world.subjects(n_subjects, split)]
+
+
 def write_synthetic_dataset(folder: str | Path, n_subjects: int, images_per_subject: int, size: int = 64, seed: int = 0,
                             split: str = "train", class_word: str = "toy") -> Path:
     """A folder SubjectFolderDataset reads: one sub-folder per subject, per-image caption files
     (with a ``{token}`` placeholder), ``class.txt`` and the ground-truth ``labels.json``."""
     folder = Path(folder)
     world = SyntheticWorld(seed)
-    rng = random.Random(f"{seed}/contexts/{split}")
-    for subject in world.subjects(n_subjects, split):
+    for subject, views in dataset_views(world, n_subjects, images_per_subject, split):
         subject_dir = folder / subject.id
         subject_dir.mkdir(parents=True, exist_ok=True)
         contexts = []
-        for i in range(images_per_subject):
-            context = world.sample_context(rng)
+        for i, context in enumerate(views):
             world.render(subject, context, size).save(subject_dir / f"{i:02d}.png")
             (subject_dir / f"{i:02d}.txt").write_text(world.caption(context, "{token}", class_word) + "\n")
             contexts.append(context.labels())
