@@ -5,7 +5,9 @@
     python -m experiments.pretrain --out runs/quick --quick       # pipeline check in a few minutes
 
 A longer UNet pretraining in parts: link every other stage's output of a finished world into a new folder and run
-``--set unet_init=<world>/base/unet unet_steps=N`` there (training/toy_model/pretrain.json records the shipped run).
+``--set unet_init=<world>/base/unet unet_steps=N`` there; or continue the shipped world itself with ``--from-shipped``
+(its VAE, text tower, image encoder and reader are reused, its UNet trained further). training/toy_model/pretrain.json
+records the shipped run.
 
 The study (``python -m experiments.study``) and the README demo (``--preset demo``) use the shipped copy, so
 this command runs once per change of the world; its cost is recorded in ``training/toy_model/pretrain.json``.
@@ -21,8 +23,10 @@ from pathlib import Path
 
 import torch
 
+from training.toy_model import TOY_DIR
+
 from .overrides import apply_overrides
-from .toy_models import Sizes, pretrain_toy_world
+from .toy_models import Sizes, pretrain_toy_world, seed_from_shipped_world, seeded_from_shipped
 
 
 def main(argv=None) -> None:
@@ -32,6 +36,7 @@ def main(argv=None) -> None:
     parser.add_argument("--pack", action="store_true", help="copy the result into training/toy_model (fp16, pruned vocabulary)")
     parser.add_argument("--scale", type=float, default=1.0, help="step counts times this (0.25: a quarter of the full pretraining)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override single sizes, e.g. unet_steps=6000")
+    parser.add_argument("--from-shipped", action="store_true", help="continue the shipped world's UNet (training/toy_model); every other part is reused")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -39,14 +44,21 @@ def main(argv=None) -> None:
     sizes = Sizes.quick() if args.quick else Sizes.scaled(args.scale) if args.scale != 1.0 else Sizes()
     sizes = apply_overrides(sizes, args.set, parser)
     out = Path(args.out)
+    if args.from_shipped:
+        previous = json.loads((TOY_DIR / "pretrain.json").read_text())
+        unet_init = out / "unet_init" if seeded_from_shipped(out) else seed_from_shipped_world(out)
+        sizes = dataclasses.replace(sizes, unet_init=str(unet_init))
     timings = pretrain_toy_world(out, sizes)
     record = {"sizes": dataclasses.asdict(sizes), "timings_s": timings, "total_minutes": round(sum(timings.values()) / 60, 1),
               "torch_threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
               "torch": torch.__version__}
+    if args.from_shipped:  # this run continues the shipped one: keep its record, and the cost of both
+        record["continues"] = previous
+        record["total_minutes_with_previous"] = round(record["total_minutes"] + previous.get("total_minutes_with_previous", previous["total_minutes"]), 1)
     (out / "pretrain.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"[pretrain] done in {record['total_minutes']} min: {out}", flush=True)
     if args.pack:
-        from training.toy_model import TOY_DIR, pack_toy_model
+        from training.toy_model import pack_toy_model
 
         pack_toy_model(out, TOY_DIR, record)
         size = sum(f.stat().st_size for f in TOY_DIR.rglob("*") if f.is_file())

@@ -18,6 +18,7 @@ import dataclasses
 
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,6 +312,34 @@ def text_encoder_of(clip):
     return text_encoder.eval().requires_grad_(False)
 
 
+SHIPPED_MARK = "seeded_from_shipped.json"
+
+
+def seeded_from_shipped(out: Path) -> bool:
+    return (out / SHIPPED_MARK).exists()
+
+
+def seed_from_shipped_world(out: Path, toy_dir: Path | None = None) -> Path:
+    """Put the shipped toy world's VAE, text tower, tokenizer, image encoder and reader (fp32) into ``out``, where
+    :func:`pretrain_toy_world` reuses them, and its UNet into ``out/unet_init``: a longer UNet pretraining of the
+    shipped world without the folders of the run that made it. Returns the UNet folder to pass as ``unet_init``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTokenizer, CLIPVisionModelWithProjection
+
+    from training.toy_model import TOY_DIR, load_toy_text_encoder
+
+    toy_dir = Path(toy_dir or TOY_DIR)
+    base = out / "base"
+    AutoencoderKL.from_pretrained(toy_dir / "vae", local_files_only=True).float().save_pretrained(base / "vae")
+    load_toy_text_encoder(toy_dir).save_pretrained(base / "text_encoder")
+    CLIPTokenizer.from_pretrained(CONFIG_DIR / "tokenizer", local_files_only=True).save_pretrained(base / "tokenizer")
+    CLIPVisionModelWithProjection.from_pretrained(toy_dir / "image_encoder", local_files_only=True).float().save_pretrained(out / "image_encoder")
+    shutil.copyfile(toy_dir / "reader.safetensors", out / "reader.safetensors")
+    UNet2DConditionModel.from_pretrained(toy_dir / "unet", local_files_only=True).float().save_pretrained(out / "unet_init")
+    (out / SHIPPED_MARK).write_text(json.dumps({"from": str(toy_dir), "pretrain": json.loads((toy_dir / "pretrain.json").read_text())}, indent=1) + "\n")
+    return out / "unet_init"
+
+
 def pretrain_toy_world(out: Path, sizes: Sizes, seed: int = 0) -> dict:
     """Render pool, VAE, toy CLIP, base UNet and the attribute reader; each stage is kept in ``out`` and reused
     when present. Saves ``out/base`` (diffusers), ``out/image_encoder`` (transformers), ``out/reader.safetensors``."""
@@ -364,16 +393,20 @@ def pretrain_toy_world(out: Path, sizes: Sizes, seed: int = 0) -> dict:
         model.save_pretrained(clip_dir)
         tokenizer.save_pretrained(clip_dir)
 
-    stage("clip", (clip_dir / "config.json").exists(), clip_stage)
-    from transformers import CLIPModel, CLIPTokenizer
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-    clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval().requires_grad_(False)
-    tokenizer = CLIPTokenizer.from_pretrained(clip_dir, local_files_only=True)
-    text_encoder = text_encoder_of(clip)
-    if not (out / "image_encoder" / "config.json").exists():
-        save_image_encoder(out / "image_encoder", clip)
-        for name, part in (("text_encoder", text_encoder), ("tokenizer", tokenizer)):
-            part.save_pretrained(base / name)
+    if seeded_from_shipped(out):  # the shipped world's towers (seed_from_shipped_world): no toy CLIP to train
+        text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", local_files_only=True).eval().requires_grad_(False)
+        tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
+    else:
+        stage("clip", (clip_dir / "config.json").exists(), clip_stage)
+        clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval().requires_grad_(False)
+        tokenizer = CLIPTokenizer.from_pretrained(clip_dir, local_files_only=True)
+        text_encoder = text_encoder_of(clip)
+        if not (out / "image_encoder" / "config.json").exists():
+            save_image_encoder(out / "image_encoder", clip)
+            for name, part in (("text_encoder", text_encoder), ("tokenizer", tokenizer)):
+                part.save_pretrained(base / name)
 
     def unet_stage():
         def snapshot(unet, scheduler, step):  # intermediate base models, to watch what the UNet can draw

@@ -1,6 +1,7 @@
 """The toy world's pretraining: the VAE's latents carry colour (the colour anchor) and the shipped one keeps every identity
 attribute readable; the base UNet's loss weights and its continuation from a saved UNet."""
 
+import json
 import random
 
 import numpy as np
@@ -97,3 +98,27 @@ def test_base_unet_training_continues_from_a_saved_unet(tmp_path):
     name = "conv_in.weight"
     assert torch.allclose(resumed[name], saved[name], atol=1e-6)  # started from the saved weights, moved by a 1e-9 learning rate
     assert not torch.allclose(restarted[name], saved[name], atol=1e-3)  # a fresh UNet would not
+
+
+def test_pretraining_continues_the_shipped_world(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from experiments.pretrain import main
+    from training.toy_model import TOY_DIR, load_toy_text_encoder
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    main(["--out", str(tmp_path), "--quick", "--from-shipped", "--set", "unet_steps=2", "batch=2", "pool_images=16"])
+    record = json.loads((tmp_path / "pretrain.json").read_text())
+    assert record["continues"] == json.loads((TOY_DIR / "pretrain.json").read_text())
+    assert record["total_minutes_with_previous"] >= record["continues"]["total_minutes"]
+    assert "clip_s" not in record["timings_s"] and "unet_continued_s" in record["timings_s"]  # the shipped towers were reused, not retrained
+    shipped = dict(UNet2DConditionModel.from_pretrained(TOY_DIR / "unet", local_files_only=True).float().named_parameters())
+    continued = dict(UNet2DConditionModel.from_pretrained(tmp_path / "base" / "unet", local_files_only=True).named_parameters())
+    assert shipped.keys() == continued.keys()
+    moved = max((continued[k] - shipped[k]).abs().max().item() for k in shipped)
+    assert 0 < moved < 0.05  # two small steps from the shipped weights, not a fresh UNet
+    from transformers import CLIPTextModel
+
+    text = CLIPTextModel.from_pretrained(tmp_path / "base" / "text_encoder", local_files_only=True)
+    shipped_text = load_toy_text_encoder()
+    assert all(torch.equal(a, b) for a, b in zip(text.state_dict().values(), shipped_text.state_dict().values()))
