@@ -177,6 +177,22 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def pretraining_note(record: dict) -> str:
+    """The shipped world's pretraining, run by run: a ``--from-shipped`` run keeps the record of the run it continued."""
+    runs = [record]
+    while runs[-1].get("continues"):
+        runs.append(runs[-1]["continues"])
+    runs.reverse()
+    total = sum(run["total_minutes"] for run in runs)
+    parts = [f"{run['total_minutes']} min ({', '.join(f'{k[:-2]} {v / 60:.0f} min' for k, v in run['timings_s'].items())})"
+             + (f". {run['note']}" if run.get("note") else ".") for run in runs]
+    if len(runs) == 1:
+        return f"Pretraining the world (`python -m experiments.pretrain`, run once, shipped): {parts[0]} on {record['machine']}."
+    return (f"Pretraining the world (`python -m experiments.pretrain`, shipped): {total:.1f} min in {len(runs)} runs on {record['machine']}. "
+            + " ".join(f"Run {i + 1}{' (`--from-shipped`: the UNet trained further, every other part reused)' if i else ''}: {part}"
+                       for i, part in enumerate(parts)))
+
+
 def write_report(results: dict, out: Path, docs: Path, quick: bool, images_from_docs: bool = False) -> None:
     docs.mkdir(parents=True, exist_ok=True)
     prefix = "study_quick" if quick else "study"
@@ -204,10 +220,7 @@ def write_report(results: dict, out: Path, docs: Path, quick: bool, images_from_
     pretrain = Path(__file__).resolve().parents[1] / "training" / "toy_model" / "pretrain.json"
     pretrain_note = ""
     if pretrain.exists():
-        record = json.loads(pretrain.read_text())
-        pretrain_note = (f"Pretraining the world (`python -m experiments.pretrain`, run once, shipped): {record['total_minutes']} min on "
-                         f"{record['machine']} ({', '.join(f'{k[:-2]} {v / 60:.0f} min' for k, v in record['timings_s'].items())})."
-                         + (f" {record['note']}" if record.get("note") else ""))
+        pretrain_note = pretraining_note(json.loads(pretrain.read_text()))
     text = f"""# Toy-world study{' (QUICK MODE: pipeline check, numbers are meaningless)' if quick else ''}
 
 Does a predicted LoRA make the model draw *this* subject? Measured on a toy world small enough for a CPU.
@@ -220,11 +233,12 @@ identities, split 80/20 into training and held-out subjects, shown in contexts (
 attribute stays visible at 64 px: the primary colour covers most of the object and every pattern shows the secondary
 colour as a minority. The base model (SD1.5 family, tiny: a VAE to 16x16x4 latents whose first three channels are held to
 the 4x4-pooled colour, as SD's latents roughly carry colour; a UNet; the toy CLIP's text tower) was pretrained on
-training-split subjects with captions that describe the identity in words half of the time ("a photo of a red and blue
-striped star toy with a dot marking on a sand background, on the left, small"), some of the identity a quarter of
-the time, and only the class otherwise ("a photo of a toy on ..."): like Stable Diffusion, it can draw what words describe,
-and personalisation has to bind the rare token "sks" to one identity inside that ability. The hypernetwork's frozen image
-encoder is the toy CLIP's vision tower (contrastively pretrained on full descriptions).
+training-split subjects with captions that describe the identity in words half of the time (60 % in its later runs; each
+run's shares are in `training/toy_model/pretrain.json`: "a photo of a red and blue striped star toy with a dot marking on
+a sand background, on the left, small"), some of the identity a fifth to a quarter of the time, and only the class
+otherwise ("a photo of a toy on ..."): like Stable Diffusion, it can draw what words describe, and personalisation
+has to bind the rare token "sks" to one identity inside that ability. The hypernetwork's frozen image encoder
+is the toy CLIP's vision tower (contrastively pretrained on full descriptions).
 
 **Instruments.** An attribute-reading CNN plays DINO / CLIP-I and CLIP-T: *subject fidelity* = share of the reference
 subject's 5 identity attributes read off a generated image (chance ~{mean(1 / len(v) for v in IDENTITY.values()):.2f}); *prompt fidelity* = share of
