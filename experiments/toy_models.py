@@ -319,6 +319,11 @@ def seeded_from_shipped(out: Path) -> bool:
     return (out / SHIPPED_MARK).exists()
 
 
+def seeded_record(out: Path) -> dict:
+    """The pretraining record of the world ``out`` was seeded from (read when seeded, so a resumed run keeps it)."""
+    return json.loads((out / SHIPPED_MARK).read_text())["pretrain"]
+
+
 def seed_from_shipped_world(out: Path, toy_dir: Path | None = None) -> Path:
     """Put the shipped toy world's VAE, text tower, tokenizer, image encoder and reader (fp32) into ``out``, where
     :func:`pretrain_toy_world` reuses them, and its UNet into ``out/unet_init``: a longer UNet pretraining of the
