@@ -26,7 +26,7 @@ import torch
 from training.toy_model import TOY_DIR
 
 from .overrides import apply_overrides
-from .toy_models import Sizes, pretrain_toy_world, seed_from_shipped_world, seeded_from_shipped, seeded_record
+from .toy_models import Sizes, pretrain_toy_world, seed_from_shipped_world, seeded_record
 
 
 def main(argv=None) -> None:
@@ -45,8 +45,7 @@ def main(argv=None) -> None:
     sizes = apply_overrides(sizes, args.set, parser)
     out = Path(args.out)
     if args.from_shipped:
-        unet_init = out / "unet_init" if seeded_from_shipped(out) else seed_from_shipped_world(out)
-        sizes = dataclasses.replace(sizes, unet_init=str(unet_init))
+        sizes = dataclasses.replace(sizes, unet_init=str(seed_from_shipped_world(out)))
         previous = seeded_record(out)
     timings = pretrain_toy_world(out, sizes)
     record = {"sizes": dataclasses.asdict(sizes), "timings_s": timings, "total_minutes": round(sum(timings.values()) / 60, 1),

@@ -327,7 +327,10 @@ def seeded_record(out: Path) -> dict:
 def seed_from_shipped_world(out: Path, toy_dir: Path | None = None) -> Path:
     """Put the shipped toy world's VAE, text tower, tokenizer, image encoder and reader (fp32) into ``out``, where
     :func:`pretrain_toy_world` reuses them, and its UNet into ``out/unet_init``: a longer UNet pretraining of the
-    shipped world without the folders of the run that made it. Returns the UNet folder to pass as ``unet_init``."""
+    shipped world without the folders of the run that made it. Returns the UNet folder to pass as ``unet_init``.
+    A folder seeded before is kept as it is, so a resumed run continues from what it started with."""
+    if seeded_from_shipped(out):
+        return out / "unet_init"
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTokenizer, CLIPVisionModelWithProjection
 
