@@ -6,7 +6,8 @@
 
 A longer UNet pretraining in parts: link every other stage's output of a finished world into a new folder and run
 ``--set unet_init=<world>/base/unet unet_steps=N`` there; or continue the shipped world itself with ``--from-shipped``
-(its VAE, text tower, image encoder and reader are reused, its UNet trained further). training/toy_model/pretrain.json
+(its VAE, text tower and reader are reused; its UNet trained further for ``unet_steps``, kept as it is with
+``unet_steps=0``; its image encoder's vision tower trained further against the frozen text tower with ``vision_steps=N``). training/toy_model/pretrain.json
 records the shipped run.
 
 The study (``python -m experiments.study``) and the README demo (``--preset demo``) use the shipped copy, so
@@ -36,7 +37,8 @@ def main(argv=None) -> None:
     parser.add_argument("--pack", action="store_true", help="copy the result into training/toy_model (fp16, pruned vocabulary)")
     parser.add_argument("--scale", type=float, default=1.0, help="step counts times this (0.25: a quarter of the full pretraining)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override single sizes, e.g. unet_steps=6000")
-    parser.add_argument("--from-shipped", action="store_true", help="continue the shipped world's UNet (training/toy_model); every other part is reused")
+    parser.add_argument("--from-shipped", action="store_true", help="continue the shipped world (training/toy_model): its UNet (unet_steps, 0 keeps it) and, with vision_steps, "
+                        "its image encoder; every other part is reused")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads:

@@ -189,8 +189,15 @@ def pretraining_note(record: dict) -> str:
     if len(runs) == 1:
         return f"Pretraining the world (`python -m experiments.pretrain`, run once, shipped): {parts[0]} on {record['machine']}."
     return (f"Pretraining the world (`python -m experiments.pretrain`, shipped): {total:.1f} min in {len(runs)} runs on {record['machine']}. "
-            + " ".join(f"Run {i + 1}{' (`--from-shipped`: the UNet trained further, every other part reused)' if i else ''}: {part}"
-                       for i, part in enumerate(parts)))
+            + " ".join(f"Run {i + 1}{f' (`--from-shipped`: {continued_parts(run)} trained further, every other part reused)' if i else ''}: {part}"
+                       for i, (run, part) in enumerate(zip(runs, parts))))
+
+
+def continued_parts(run: dict) -> str:
+    """What a ``--from-shipped`` run trained (its stages' timings say which ran)."""
+    trained = [name for stage, name in (("unet_continued_s", "the UNet"), ("vision_continued_s", "the image encoder's vision tower"))
+               if stage in run["timings_s"]]
+    return " and ".join(trained) or "nothing"
 
 
 def write_report(results: dict, out: Path, docs: Path, quick: bool, images_from_docs: bool = False) -> None:

@@ -53,6 +53,8 @@ class Sizes:
     vae_norm_groups: int = 1  # a group per channel would normalise each image's colours away in every block
     vae_colour_anchor: float = 1.0  # latent channels 0-2 are pulled toward the 4x4-pooled RGB (see train_vae)
     clip_steps: int = 3000
+    vision_steps: int = 0  # > 0: the image encoder's vision tower trained further against the frozen text tower (continue_vision_tower)
+    vision_lr: float = 5e-4
     unet_steps: int = 12000
     unet_lr: float = 1e-3
     unet_min_snr_gamma: float = 0.0  # >0: min-SNR-gamma loss weights (Hang et al. 2023); 0: plain MSE on the noise
@@ -220,6 +222,51 @@ def train_clip(pool: RenderPool, sizes: Sizes, generator: torch.Generator):
         if step % 200 == 0 or step == sizes.clip_steps - 1:
             _log(f"clip step {step + 1}/{sizes.clip_steps} contrastive loss {loss.item():.3f} ({time.time() - start:.0f}s)")
     return model.eval().requires_grad_(False), tokenizer
+
+
+VISION_RECORD = "vision_continued.json"  # in an image encoder folder that continue_vision_tower trained further
+
+
+def continue_vision_tower(folder: Path, pool: RenderPool, text_encoder, tokenizer, sizes: Sizes, generator: torch.Generator) -> dict:
+    """Train the vision tower in ``folder`` (and its projection) further with the contrastive loss on (render, full
+    description) pairs, against the *frozen* text tower, and save it back. The text tower is the base model's text
+    encoder, so the UNet's conditioning is untouched; only its pooled output gets a fresh trainable projection (the
+    toy CLIP's own was not shipped). The 600-step toy CLIP left shape and marking weak in the features the
+    hypernetwork reads; this sharpens them without retraining the UNet."""
+    from transformers import CLIPVisionModelWithProjection
+
+    torch.manual_seed(5)
+    vision = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True).float().train().requires_grad_(True)
+    text_projection = torch.nn.Linear(text_encoder.config.hidden_size, vision.config.projection_dim, bias=False)
+    logit_scale = torch.nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
+    heads = list(text_projection.parameters()) + [logit_scale]
+    optimizer = torch.optim.AdamW([{"params": list(vision.parameters()), "lr": sizes.vision_lr}, {"params": heads, "lr": 1e-3}], weight_decay=0.1)
+    schedule = warmup_cosine(optimizer, sizes.vision_steps)
+    start, losses = time.time(), []
+    for step in range(sizes.vision_steps):
+        index = torch.randint(0, len(pool), (sizes.clip_batch,), generator=generator)
+        captions = [describe(pool.subjects[i], pool.contexts[i]) for i in index.tolist()]
+        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            pooled = text_encoder(ids)[1]
+        texts = F.normalize(text_projection(pooled), dim=-1)
+        images = F.normalize(vision(pixel_values=clip_normalise((pool.floats(index) + 1) / 2)).image_embeds, dim=-1)
+        logits = logit_scale.exp().clamp(max=100) * images @ texts.T
+        labels = torch.arange(len(index))
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(vision.parameters()) + heads, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 200 == 0 or step == sizes.vision_steps - 1:
+            _log(f"vision step {step + 1}/{sizes.vision_steps} contrastive loss {loss.item():.3f} ({time.time() - start:.0f}s)")
+    vision.eval().requires_grad_(False).save_pretrained(folder)
+    record = {"steps": sizes.vision_steps, "lr": sizes.vision_lr, "batch": sizes.clip_batch, "pool_images": len(pool),
+              "first_loss": round(losses[0], 4), "last_200_loss": round(float(np.mean(losses[-200:])), 4)}
+    (folder / VISION_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    return record
 
 
 def pretraining_caption(subject: Subject, context: Context, rng: random.Random, sizes: Sizes) -> str:
@@ -416,6 +463,10 @@ def pretrain_toy_world(out: Path, sizes: Sizes, seed: int = 0) -> dict:
             for name, part in (("text_encoder", text_encoder), ("tokenizer", tokenizer)):
                 part.save_pretrained(base / name)
 
+    if sizes.vision_steps:
+        stage("vision_continued", (out / "image_encoder" / VISION_RECORD).exists(),
+              lambda: continue_vision_tower(out / "image_encoder", pool, text_encoder, tokenizer, sizes, generator(5)))
+
     def unet_stage():
         def snapshot(unet, scheduler, step):  # intermediate base models, to watch what the UNet can draw
             unet.save_pretrained(out / "snapshots" / f"unet_{step:06d}")
@@ -424,7 +475,10 @@ def pretrain_toy_world(out: Path, sizes: Sizes, seed: int = 0) -> dict:
         unet, scheduler = train_base_unet(pool, latents, text_encoder, tokenizer, sizes, batches, snapshot=snapshot, snapshot_every=sizes.unet_steps // 6)
         save_base_model(base, unet, vae, text_encoder, tokenizer, scheduler)
 
-    stage("unet_continued" if sizes.unet_init else "unet", (base / "model_index.json").exists(), unet_stage)
+    if sizes.unet_init and not sizes.unet_steps:  # a continuation of other parts only: the UNet as it was
+        stage("unet_kept", (base / "model_index.json").exists(), unet_stage)
+    else:
+        stage("unet_continued" if sizes.unet_init else "unet", (base / "model_index.json").exists(), unet_stage)
 
     _log(f"pretraining done: {timings}")
     return timings

@@ -122,3 +122,28 @@ def test_pretraining_continues_the_shipped_world(tmp_path):
     text = CLIPTextModel.from_pretrained(tmp_path / "base" / "text_encoder", local_files_only=True)
     shipped_text = load_toy_text_encoder()
     assert all(torch.equal(a, b) for a, b in zip(text.state_dict().values(), shipped_text.state_dict().values()))
+
+
+def test_pretraining_continues_the_shipped_image_encoder_only(tmp_path):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPVisionModelWithProjection
+
+    from experiments.pretrain import main
+    from experiments.study_report import pretraining_note
+    from experiments.toy_models import VISION_RECORD
+    from training.toy_model import TOY_DIR
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    main(["--out", str(tmp_path), "--quick", "--from-shipped", "--set", "unet_steps=0", "vision_steps=3", "clip_batch=4", "pool_images=16"])
+    record = json.loads((tmp_path / "pretrain.json").read_text())
+    assert "vision_continued_s" in record["timings_s"] and "unet_kept_s" in record["timings_s"] and "unet_continued_s" not in record["timings_s"]
+    assert "the image encoder's vision tower trained further" in pretraining_note(record)
+    shipped_unet = UNet2DConditionModel.from_pretrained(TOY_DIR / "unet", local_files_only=True).float().state_dict()
+    kept_unet = UNet2DConditionModel.from_pretrained(tmp_path / "base" / "unet", local_files_only=True).state_dict()
+    assert all(torch.equal(kept_unet[k], v) for k, v in shipped_unet.items())  # unet_steps=0: the UNet as shipped
+    shipped = CLIPVisionModelWithProjection.from_pretrained(TOY_DIR / "image_encoder", local_files_only=True).float().state_dict()
+    continued = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "image_encoder", local_files_only=True).state_dict()
+    moved = max((continued[k] - shipped[k]).abs().max().item() for k in shipped if k in continued)
+    assert 0 < moved < 0.05  # three small steps from the shipped tower, not a fresh one
+    vision_record = json.loads((tmp_path / "image_encoder" / VISION_RECORD).read_text())
+    assert vision_record["steps"] == 3 and vision_record["pool_images"] == 16 and np.isfinite(vision_record["last_200_loss"])
