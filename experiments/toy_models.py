@@ -195,6 +195,11 @@ def encode_pool(vae, pool: RenderPool, batch: int = 256) -> torch.Tensor:
     return torch.cat(parts) * vae.config.scaling_factor
 
 
+def caption_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids padded to CLIP's 77 positions, as every toy-world text tower reads them."""
+    return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
 def train_clip(pool: RenderPool, sizes: Sizes, generator: torch.Generator):
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
@@ -213,7 +218,7 @@ def train_clip(pool: RenderPool, sizes: Sizes, generator: torch.Generator):
     for step in range(sizes.clip_steps):
         index = torch.randint(0, len(pool), (sizes.clip_batch,), generator=generator)
         captions = [describe(pool.subjects[i], pool.contexts[i]) for i in index.tolist()]
-        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids = caption_ids(tokenizer, captions)
         loss = model(input_ids=ids, pixel_values=clip_normalise((pool.floats(index) + 1) / 2), return_loss=True).loss
         optimizer.zero_grad()
         loss.backward()
@@ -239,14 +244,14 @@ def continue_vision_tower(folder: Path, pool: RenderPool, text_encoder, tokenize
     vision = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True).float().train().requires_grad_(True)
     text_projection = torch.nn.Linear(text_encoder.config.hidden_size, vision.config.projection_dim, bias=False)
     logit_scale = torch.nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
-    heads = list(text_projection.parameters()) + [logit_scale]
-    optimizer = torch.optim.AdamW([{"params": list(vision.parameters()), "lr": sizes.vision_lr}, {"params": heads, "lr": 1e-3}], weight_decay=0.1)
+    tower, heads = list(vision.parameters()), list(text_projection.parameters()) + [logit_scale]
+    optimizer = torch.optim.AdamW([{"params": tower, "lr": sizes.vision_lr}, {"params": heads, "lr": 1e-3}], weight_decay=0.1)
     schedule = warmup_cosine(optimizer, sizes.vision_steps)
     start, losses = time.time(), []
     for step in range(sizes.vision_steps):
         index = torch.randint(0, len(pool), (sizes.clip_batch,), generator=generator)
         captions = [describe(pool.subjects[i], pool.contexts[i]) for i in index.tolist()]
-        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids = caption_ids(tokenizer, captions)
         with torch.no_grad():
             pooled = text_encoder(ids)[1]
         texts = F.normalize(text_projection(pooled), dim=-1)
@@ -256,7 +261,7 @@ def continue_vision_tower(folder: Path, pool: RenderPool, text_encoder, tokenize
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(vision.parameters()) + heads, 1.0)
+        torch.nn.utils.clip_grad_norm_(tower + heads, 1.0)
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
@@ -313,7 +318,7 @@ def train_base_unet(pool: RenderPool, latents: torch.Tensor, text_encoder, token
     for step in range(sizes.unet_steps):
         index = torch.randint(0, len(pool), (sizes.batch,), generator=generator)
         captions = [pretraining_caption(pool.subjects[i], pool.contexts[i], rng, sizes) for i in index.tolist()]
-        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids = caption_ids(tokenizer, captions)
         with torch.no_grad():
             context = text_encoder(ids)[0]
         x0 = latents[index]
