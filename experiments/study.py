@@ -50,7 +50,9 @@ class Plan:
     hypernet_steps: int = 1600  # each of the 6,000 training images seen about twice (batch 8)
     # Overrides of the demo recipe (training.config PRESETS["demo"]). Rank 4 with a lighter L2 doubled how much a subject's own
     # LoRA beats another's in denoising loss on the demo run; fidelity as read stayed the same (docs/study.md, Notes).
-    hypernet: dict = field(default_factory=lambda: {"lidb_rank": 4, "reg_weight": 3e-4})
+    # The pooled projected embedding carried identity better than the 65 penultimate tokens (+0.102 ± 0.024 on the study's
+    # cases, +0.067 ± 0.019 on 24 others; docs/study.md, Notes).
+    hypernet: dict = field(default_factory=lambda: {"lidb_rank": 4, "reg_weight": 3e-4, "hidden_state": "image_embeds"})
     eval_subjects: int = 24
     eval_contexts: int = 4
     seeds: tuple = (0, 1)

@@ -82,7 +82,8 @@ def test_ceiling_reads_each_attribute_of_the_hypernet_at_each_strength_and_probe
     rows = json.loads(out.read_text())["rows"]
     probes = [name for name in rows if "linear probe" in name]
     assert {"described, cfg 5", "base model (sks), cfg 5", "hypernet, cfg 5", "hypernet, cfg 5, strength 2", "references, VAE round trip"} <= set(rows)
-    assert probes == ["image features (penultimate_hidden_states), linear probe, pooled", "image features (penultimate_hidden_states), linear probe, tokens"]
+    # the probe reads what the hypernetwork reads (the study's recipe: the pooled projected embedding)
+    assert probes == ["image features (image_embeds), linear probe, pooled", "image features (image_embeds), linear probe, tokens"]
     for name, row in rows.items():
         assert set(row) == {"shape", "primary", "secondary", "pattern", "marking", "identity"}, name
         assert all(0.0 <= value <= 1.0 for value in row.values()), name
