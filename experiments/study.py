@@ -48,8 +48,9 @@ class Plan:
     train_subjects: int = 1500
     images_per_subject: int = 4
     hypernet_steps: int = 1600  # each of the 6,000 training images seen about twice (batch 8)
-    # Overrides of the demo recipe (training.config PRESETS["demo"]). Rank 4 with a lighter L2 doubled how much a subject's own
-    # LoRA beats another's in denoising loss on the demo run; fidelity as read stayed the same (docs/study.md, Notes).
+    # Stated over the demo preset (training.config PRESETS["demo"], which now agrees) so that the study's recipe stays put.
+    # Rank 4 with a lighter L2 doubled how much a subject's own LoRA beats another's in denoising loss on the demo run;
+    # fidelity as read stayed the same (docs/study.md, Notes).
     # The pooled projected embedding carried identity better than the 65 penultimate tokens (+0.102 ± 0.024 on the study's
     # cases, +0.067 ± 0.019 on 24 others; docs/study.md, Notes).
     hypernet: dict = field(default_factory=lambda: {"lidb_rank": 4, "reg_weight": 3e-4, "hidden_state": "image_embeds"})

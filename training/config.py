@@ -131,11 +131,13 @@ HYPERNET_OPTIONS = tuple(item.name for item in dataclasses.fields(TrainConfig) i
 
 DEMO_STEPS = 700
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~3 minutes on a 2-core CPU: the toy-world base model and image encoder pretrained by experiments.pretrain
-    # (shipped in training/toy_model/), synthetic subjects of the same world, the study's hypernetwork size.
+    # ~4 minutes on a 2-core CPU: the toy-world base model and image encoder pretrained by experiments.pretrain
+    # (shipped in training/toy_model/), synthetic subjects of the same world, the study's hypernetwork size and recipe
+    # (the encoder's pooled embedding, LiDB rank 4, a lighter L2: docs/study.md), fewer subjects and steps.
     "demo": dict(
         backbone="toy", image_encoder="toy", data="synthetic", synthetic_subjects=200, synthetic_images_per_subject=4,
         resolution=64, width=128, depth=2, heads=4, iterations=2, lidb_a=32, lidb_b=16, batch_size=8, learning_rate=1e-3,
+        hidden_state="image_embeds", lidb_rank=4, reg_weight=3e-4,
         prompt_dropout=0.1, flip_prob=0.0, max_steps=DEMO_STEPS, log_every=25, checkpoint_every=200, sample_steps=20, output_dir="runs/demo",
     ),
     # Pipeline check in about a minute: tiny random backbone and encoder (the tests use it).
