@@ -104,6 +104,34 @@ def test_objective_ceiling_fits_a_lora_per_subject_on_its_training_views_and_sco
     assert len(record["view_lora_losses"]) == 1 and all(0 < loss < 10 for loss in record["view_lora_losses"])
 
 
+def test_finetune_curve_scores_each_step_count_and_each_half_of_the_prediction(quick_world, quick_study, tmp_path):
+    out = tmp_path / "curve.json"
+    hypernet = quick_study / "study" / "hypernets" / "hypernet" / "hypernet.safetensors"
+    python("-m", "experiments.finetune_curve", "--quick", "--world", str(quick_world), "--hypernet", str(hypernet), "--steps", "1", "3",
+           "--out", str(out))
+    record = json.loads(out.read_text())
+    assert list(record["scores"]) == ["base model", "hypernet", "hypernet, text-encoder layers only", "hypernet, UNet layers only",
+                                      "hypernet + finetune 1", "LoRA from scratch 1", "hypernet + finetune 3", "LoRA from scratch 3"]
+    assert record["learning_rate"] == 1e-4 and record["subjects"] == 3
+    for name, row in record["scores"].items():
+        assert len(row["subject"]) == 3 and all(0.0 <= v <= 1.0 for v in row["subject"]), name
+        assert abs(record["means"][name] - sum(row["subject"]) / 3) < 1e-4, name
+    # every paired difference is the mean of the per-subject differences of the rows it names
+    name = "hypernet + finetune 1 - LoRA from scratch 3"
+    expected = sum(a - b for a, b in zip(record["scores"]["hypernet + finetune 1"]["subject"], record["scores"]["LoRA from scratch 3"]["subject"])) / 3
+    assert abs(record["paired"][name]["diff"] - expected) < 1e-4
+
+
+def test_layers_only_switches_off_every_other_layer_and_keeps_the_rest_exactly():
+    from experiments.finetune_curve import layers_only
+    from hypernet import LoraWeights
+
+    lora = LoraWeights({"te.q": torch.randn(1, 4), "unet.q": torch.randn(1, 6)}, {"te.q": torch.randn(4, 1), "unet.q": torch.randn(6, 1)})
+    (text,) = layers_only([lora], {"te.q"})
+    assert torch.equal(text.delta("te.q"), lora.delta("te.q")) and not text.delta("unet.q").any()
+    assert text.delta("unet.q").shape == lora.delta("unet.q").shape
+
+
 def test_objective_ceiling_trains_on_the_very_views_the_study_wrote(tmp_path):
     from dataclasses import replace
 
