@@ -25,8 +25,8 @@ from training.synthetic import SyntheticWorld
 from training.toy_reader import IDENTITY
 
 from .feature_probe import feature_probe
-from .study import Plan
-from .study_eval import Evaluator, World, make_cases
+from .study import Plan, heldout_cases
+from .study_eval import Evaluator, World
 
 
 def per_attribute(evaluator: Evaluator, cases, images: torch.Tensor) -> dict[str, float]:
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     plan = Plan.quick() if args.quick else Plan()
     world, synthetic = World.load(args.world), SyntheticWorld(0)
-    cases = make_cases(synthetic, synthetic.subjects(plan.eval_subjects, "heldout"), plan.eval_contexts, 64, seed=1234)  # the study's
+    cases = heldout_cases(plan, synthetic)
     rows: dict[str, dict[str, float]] = {}
     for cfg in args.cfg:
         evaluator = Evaluator(world, plan.sample_steps, cfg, 64)

@@ -21,8 +21,8 @@ import torch
 from hypernet import LoraWeights, load_hypernet
 from training.synthetic import SyntheticWorld
 
-from .study import Plan
-from .study_eval import Evaluator, World, make_cases
+from .study import Plan, heldout_cases
+from .study_eval import Evaluator, World
 from .study_report import paired
 
 
@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     learning_rate = args.learning_rate or plan.finetune_lr
     world, synthetic = World.load(args.world), SyntheticWorld(0)
     evaluator = Evaluator(world, plan.sample_steps, plan.cfg_text, 64)
-    cases = make_cases(synthetic, synthetic.subjects(plan.eval_subjects, "heldout"), plan.eval_contexts, 64, seed=1234)  # the study's
+    cases = heldout_cases(plan, synthetic)
     hypernet, info = load_hypernet(args.hypernet)
     predicted, _ = evaluator.predict(hypernet, cases, info.config.features.hidden_state)
     scores: dict[str, dict[str, list[float]]] = {}

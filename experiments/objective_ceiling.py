@@ -26,8 +26,8 @@ from hypernet.losses import denoising_loss
 from training.synthetic import SyntheticWorld, dataset_views
 
 from .ceiling import per_attribute
-from .study import Plan
-from .study_eval import Case, Evaluator, World, make_cases
+from .study import Plan, training_subject_cases
+from .study_eval import Case, Evaluator, World
 
 
 def training_views(world: SyntheticWorld, plan: Plan, count: int) -> list[list]:
@@ -87,8 +87,7 @@ def main(argv=None) -> None:
     plan = Plan.quick() if args.quick else Plan()
     count = args.subjects or plan.eval_subjects
     world, synthetic = World.load(args.world), SyntheticWorld(0)
-    trained_on = synthetic.subjects(plan.train_subjects, "train")[:count]
-    cases = make_cases(synthetic, trained_on, plan.eval_contexts, 64, seed=4321)  # the study's training-subject cases
+    cases = training_subject_cases(plan, synthetic, count)
     evaluator = Evaluator(world, plan.sample_steps, plan.cfg_text, 64)
     hypernet, info = load_hypernet(args.hypernet)
     predicted, _ = evaluator.predict(hypernet, cases, info.config.features.hidden_state)

@@ -86,6 +86,17 @@ class Plan:
                    reader_images=16, eval_every=3, tuning_steps=2)
 
 
+def heldout_cases(plan: Plan, synthetic: SyntheticWorld) -> list:
+    """The study's held-out cases: its first ``eval_subjects`` held-out subjects, ``eval_contexts`` prompts each."""
+    return make_cases(synthetic, synthetic.subjects(plan.eval_subjects, "heldout"), plan.eval_contexts, 64, seed=1234)
+
+
+def training_subject_cases(plan: Plan, synthetic: SyntheticWorld, count: int | None = None) -> list:
+    """The study's cases on subjects the hypernetwork trained on: the first ``count`` (default ``eval_subjects``)."""
+    trained_on = synthetic.subjects(plan.train_subjects, "train")[: count or plan.eval_subjects]
+    return make_cases(synthetic, trained_on, plan.eval_contexts, 64, seed=4321)
+
+
 VARIANTS = {  # name in the tables -> TrainConfig overrides on top of the main recipe
     "hypernet": {},
     "hypernet (no L2)": {"reg_weight": 0.0},
@@ -234,9 +245,7 @@ def run_study(plan: Plan, out: Path, docs: Path, quick: bool) -> dict:
     hypernets = {"hypernet": train_variant("hypernet", plan, world, data, out, timer)}
     for key in plan.variants:
         hypernets[VARIANT_KEYS[key]] = train_variant(VARIANT_KEYS[key], plan, world, data, out, timer)
-    cases = make_cases(synthetic, synthetic.subjects(plan.eval_subjects, "heldout"), plan.eval_contexts, 64, seed=1234)
-    trained_on = [SyntheticWorld(0).subjects(plan.train_subjects, "train")[i] for i in range(plan.eval_subjects)]
-    train_cases = make_cases(synthetic, trained_on, plan.eval_contexts, 64, seed=4321)
+    cases, train_cases = heldout_cases(plan, synthetic), training_subject_cases(plan, synthetic)
     scores, spread, examples = run_methods(plan, evaluator, cases, train_cases, hypernets, timer)
     order = ["reference"] + list(examples)
     examples["reference"] = [to_pil(c.reference[0]) for c in cases[:2] for _ in range(plan.eval_contexts)]
