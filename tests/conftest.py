@@ -66,14 +66,16 @@ def comfy_sdxl_files(comfyui_root) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def trained_sdxl_hypernet(comfy_sdxl_files, comfy_model_files, tmp_path_factory) -> Path:
     """A hypernetwork trained by `python -m training.train` on the smallest SDXL checkpoint (2 steps: what the tests
-    need is a file made by the trainer for the SDXL layout, both text encoders included)."""
+    need is a file made by the trainer for the SDXL layout, both text encoders included). It reads the CLIP vision
+    model's pooled embedding (`--hidden-state image_embeds`, the toy study's recipe), so that path runs through real
+    ComfyUI nodes too; the SD1.5 one reads the default tokens."""
     out = tmp_path_factory.mktemp("trained_sdxl_hypernet")
     command = [
         sys.executable, "-m", "training.train", "--backbone", str(comfy_sdxl_files["checkpoint"]),
         "--image-encoder", str(comfy_model_files["clip_vision"]), "--data", "synthetic", "--synthetic-subjects", "2",
         "--synthetic-images-per-subject", "2", "--resolution", "64", "--width", "64", "--depth", "1", "--heads", "4",
         "--iterations", "2", "--lidb-a", "16", "--lidb-b", "16", "--batch-size", "1", "--max-steps", "2",
-        "--learning-rate", "1e-2", "--sample-subjects", "0", "--output-dir", str(out),
+        "--learning-rate", "1e-2", "--sample-subjects", "0", "--hidden-state", "image_embeds", "--output-dir", str(out),
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
